@@ -1,0 +1,194 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+The YAML presets in conf/ extend these dataclasses, so an unknown key, a wrong type or an unknown enum
+value fails when Hydra composes the config; values that a type cannot express (a depth that is not
+6n+2, a negative learning rate) are checked in `__post_init__`, which runs when the task turns the
+composed config into these objects, before any data is loaded or any run is recorded.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
+
+from resnet_sweep.models import ACTIVATIONS, ARTICLE_DEPTH, IMAGENET_DEPTHS, cifar_depths
+
+Family = enum.Enum("Family", "plain resnet")
+Layout = enum.Enum("Layout", "cifar imagenet article")
+Activation = enum.Enum("Activation", " ".join(ACTIVATIONS))
+Norm = enum.Enum("Norm", "batch none")
+Shortcut = enum.Enum("Shortcut", "A B")
+Init = enum.Enum("Init", "kaiming xavier normal torch")
+Stem = enum.Enum("Stem", "auto small large")
+DatasetName = enum.Enum("DatasetName", "digits mnist fashion_mnist cifar10")
+OptimizerName = enum.Enum("OptimizerName", "sgd adam adamw")
+SchedulerName = enum.Enum("SchedulerName", "none multistep cosine plateau")
+# Metrics a job can hand to the sweeper as its objective (their values after the last epoch).
+Metric = enum.Enum("Metric", "val_acc val_loss train_acc train_loss test_acc test_loss")
+
+
+class ConfigError(ValueError):
+    """A value that composes but cannot be trained; the message names the key and the valid values."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    family: Family = Family.resnet  # plain = the same net with the shortcuts removed
+    layout: Layout = Layout.cifar  # cifar: 6n+2, 16/32/64 channels; imagenet: 18..152; article: the seed's net
+    depth: int = 20  # weighted layers (convs + the final linear), as the paper counts them
+    activation: Activation = Activation.relu
+    norm: Norm = Norm.batch
+    shortcut: Shortcut = Shortcut.A  # A: zero-padded identity (parameter-free); B: 1x1 projection
+    preactivation: bool = False  # He et al. 2016: norm and activation before each conv, nothing after the sum
+    init: Init = Init.kaiming
+    init_std: float = 0.01  # used by init=normal
+    stem: Stem = Stem.auto  # auto: 7x7/2 + max-pool when the input side is >= 64 px, else 3x3/1
+
+    def __post_init__(self) -> None:
+        if self.layout == Layout.cifar:
+            _check((self.depth - 2) % 6 == 0 and self.depth >= 8,
+                   f"model.depth={self.depth} is not a CIFAR-style depth 6n+2; valid: "
+                   f"{', '.join(map(str, cifar_depths(116)))}, ... "
+                   f"(or model.layout=imagenet with depth {sorted(IMAGENET_DEPTHS)})")
+        elif self.layout == Layout.imagenet:
+            _check(self.depth in IMAGENET_DEPTHS,
+                   f"model.depth={self.depth} is not an ImageNet-style depth; valid: {sorted(IMAGENET_DEPTHS)} "
+                   "(or model.layout=cifar with a depth 6n+2: 8, 14, 20, 32, 44, 56, 110, ...)")
+        else:
+            _check(self.depth == ARTICLE_DEPTH,
+                   f"model.depth={self.depth}: the article's net has {ARTICLE_DEPTH} weighted layers; "
+                   f"set model.depth={ARTICLE_DEPTH} or choose model.layout=cifar|imagenet")
+        _check(self.init_std > 0, f"model.init_std={self.init_std} must be > 0")
+
+
+@dataclass
+class DataConfig:
+    name: DatasetName = DatasetName.digits
+    root: str = "data"  # where torchvision datasets live or are downloaded to
+    download: bool = True  # try to download a missing torchvision dataset (needs the network)
+    input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])  # (C, H, W), checked on load
+    num_classes: int = 10
+    mean: list[float] = field(default_factory=lambda: [0.0])  # per channel, of pixels scaled to [0, 1]
+    std: list[float] = field(default_factory=lambda: [1.0])
+    val_fraction: float = 0.1  # held out of the training set, seeded by split_seed
+    split_seed: int = 0  # fixed apart from `seed`, so every trial validates on the same images
+    train_subset: Optional[int] = None  # cap on training examples after the split, for quick studies
+    augment: bool = False  # pad-4 random crop + horizontal flip (CIFAR-10), on the device
+
+    def __post_init__(self) -> None:
+        _check(len(self.input_shape) == 3, f"data.input_shape={self.input_shape} must be [C, H, W]")
+        _check(len(self.mean) == len(self.std) == self.input_shape[0],
+               f"data.mean and data.std need one value per channel ({self.input_shape[0]})")
+        _check(all(s > 0 for s in self.std), f"data.std={self.std} must be > 0")
+        _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        _check(self.train_subset is None or self.train_subset > 0,
+               f"data.train_subset={self.train_subset} must be a positive count or null (all)")
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.sgd
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (e.g. 0.1 for sgd, 1e-3 for adam)")
+        _check(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
+        _check(0 <= self.momentum < 1, f"optimizer.momentum={self.momentum} must be in [0, 1)")
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.none
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # multistep: fractions of the epochs
+    gamma: float = 0.1  # multistep: lr factor at each milestone
+    factor: float = 0.1  # plateau: lr factor when the monitored metric stalls
+    patience: int = 5  # plateau: epochs without improvement before lowering the lr
+    min_lr: float = 0.0  # cosine floor and plateau floor
+    monitor: Metric = Metric.val_loss  # plateau: the metric it watches (loss: lower is better)
+
+    def __post_init__(self) -> None:
+        _check(all(0 < m < 1 for m in self.milestones),
+               f"scheduler.milestones={self.milestones} must be fractions of the training in (0, 1)")
+        _check(self.monitor.name not in ("test_acc", "test_loss"),
+               "scheduler.monitor may not watch the test set; use val_loss, val_acc, train_loss or train_acc")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 15
+    batch_size: int = 128
+    eval_batch_size: int = 1024
+    device: str = "auto"  # auto: cuda, then mps, then cpu; or any torch device string
+    threads: Optional[int] = None  # torch intra-op threads on the CPU; null: torch's default
+    finite_check_every: int = 1  # steps between non-finite-loss checks (each check syncs a GPU)
+    save_best: bool = False  # keep the checkpoint of the best val_acc epoch and test that one
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"trainer.epochs={self.epochs} must be > 0")
+        _check(self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be > 0")
+        _check(self.finite_check_every > 0, "trainer.finite_check_every must be > 0")
+        _check(self.threads is None or self.threads > 0, f"trainer.threads={self.threads} must be > 0 or null")
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+               f"trainer.device={self.device!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    # Absolute, so every job of a sweep, wherever it runs, writes to the one database.
+    uri: str = MISSING
+    experiment: str = "resnet_sweep"
+    artifact_location: str = MISSING  # a folder; the experiment's artifacts go under it
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    objective: Metric = Metric.val_acc  # what the task returns to the sweeper (after the last epoch)
+
+
+def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
+    """The composed config as typed objects; raises ConfigError on a value no type can rule out.
+
+    `sweep_direction` (the Optuna sweeper's, when sweeping) must agree with the objective metric.
+    """
+    try:
+        conf = OmegaConf.to_object(cfg)
+    except ValidationError as exc:  # OmegaConf wraps what __post_init__ raised; show just that
+        if isinstance(exc.__cause__, ConfigError):
+            raise exc.__cause__ from None
+        raise
+    assert isinstance(conf, Config)
+    if sweep_direction is not None:
+        wanted = "minimize" if conf.objective.name.endswith("loss") else "maximize"
+        given = getattr(sweep_direction, "name", str(sweep_direction))
+        _check(given == wanted, f"objective={conf.objective.name} should be {wanted}d but "
+                                f"hydra.sweeper.direction={given}; set hydra.sweeper.direction={wanted}")
+    return conf
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+register()

@@ -1,0 +1,177 @@
+"""Datasets as whole tensors: load once, split, normalise, move to the training device, batch by index.
+
+Holding the dataset on the device and slicing it by a random permutation replaces the per-sample
+DataLoader of the seed article, which is the slow path on a GPU (and on a CPU for tiny images).
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from resnet_sweep.config import DataConfig
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class DataUnavailable(RuntimeError):
+    """The dataset's files are missing and could not be downloaded."""
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # float32 (N, C, H, W), normalised
+    y: torch.Tensor  # int64 (N,)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Data:
+    train: Split
+    val: Split
+    test: Split
+
+
+def _digits() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None]  # pixels 0..16 -> [0, 1]
+    # No official test split: a fixed, stratified 20 %, the same for every run.
+    return tuple(train_test_split(x, digits.target, test_size=0.2, stratify=digits.target, random_state=0))  # type: ignore[return-value]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not."""
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(folder: Path) -> list[Path] | None:
+    found = []
+    for name in IDX_FILES:
+        hits = [p for p in (folder / name, folder / f"{name}.gz") if p.is_file()]
+        if not hits:
+            return None
+        found.append(hits[0])
+    return found
+
+
+def _mnist_like(cfg: DataConfig, folder_name: str, extra: list[Path]) -> tuple[np.ndarray, ...]:
+    from torchvision import datasets
+
+    root = Path(cfg.root)
+    folders = [root / folder_name / "raw", *extra]
+    files = next((f for f in map(_find_idx, folders) if f), None)
+    if files is None and cfg.download:
+        try:
+            getattr(datasets, folder_name)(str(root), train=True, download=True)
+            getattr(datasets, folder_name)(str(root), train=False, download=True)
+        except Exception as exc:  # offline: say what is missing instead of torchvision's URL error
+            raise _unavailable(cfg, folders, exc) from exc
+        files = _find_idx(folders[0])
+    if files is None:
+        raise _unavailable(cfg, folders, None)
+    x_train, y_train, x_test, y_test = (_read_idx(p) for p in files)
+    scale = lambda a: (a.astype(np.float32) / 255.0)[:, None]  # noqa: E731
+    return scale(x_train), scale(x_test), y_train.astype(np.int64), y_test.astype(np.int64)
+
+
+def _cifar10(cfg: DataConfig) -> tuple[np.ndarray, ...]:
+    from torchvision import datasets
+
+    folder = Path(cfg.root) / "cifar-10-batches-py"
+    try:
+        train = datasets.CIFAR10(cfg.root, train=True, download=cfg.download)
+        test = datasets.CIFAR10(cfg.root, train=False, download=cfg.download)
+    except Exception as exc:
+        raise _unavailable(cfg, [folder], exc) from exc
+    to_chw = lambda a: (a.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)  # noqa: E731
+    return to_chw(train.data), to_chw(test.data), np.array(train.targets), np.array(test.targets)
+
+
+def _unavailable(cfg: DataConfig, folders: list[Path], exc: Exception | None) -> DataUnavailable:
+    where = " or ".join(str(f.resolve()) for f in folders)
+    why = f" (download failed: {type(exc).__name__}: {exc})" if exc else " (data.download=false)"
+    return DataUnavailable(
+        f"dataset '{cfg.name.name}' not found: expected its files in {where}{why}. "
+        f"Put them there, run once with the network and data.download=true, set data.root, "
+        f"or use data=digits, which works offline.")
+
+
+def load_arrays(cfg: DataConfig) -> tuple[np.ndarray, ...]:
+    """(x_train, x_test, y_train, y_test) with pixels in [0, 1], before any split or normalisation."""
+    name = cfg.name.name
+    if name == "digits":
+        x_train, x_test, y_train, y_test = _digits()
+        return x_train, x_test, y_train, y_test
+    if name == "mnist":
+        return _mnist_like(cfg, "MNIST", [])
+    if name == "fashion_mnist":
+        return _mnist_like(cfg, "FashionMNIST", [DEBIAN_FASHION_MNIST])
+    return _cifar10(cfg)
+
+
+def load(cfg: DataConfig, device: torch.device) -> Data:
+    """Load, split train into train/val (seeded by data.split_seed), normalise, move to `device`."""
+    x_train, x_test, y_train, y_test = load_arrays(cfg)
+    shape = list(x_train.shape[1:])
+    if shape != list(cfg.input_shape):
+        raise ValueError(f"dataset '{cfg.name.name}' has images of shape {shape}, but data.input_shape="
+                         f"{list(cfg.input_shape)}; set data.input_shape={shape}")
+    order = np.random.default_rng(cfg.split_seed).permutation(len(y_train))
+    n_val = max(1, round(cfg.val_fraction * len(order)))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if cfg.train_subset is not None:
+        train_idx = train_idx[: cfg.train_subset]
+    mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def split(x: np.ndarray, y: np.ndarray) -> Split:
+        xt = (torch.from_numpy(np.ascontiguousarray(x)) - mean) / std
+        return Split(xt.to(device), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device))
+
+    return Data(split(x_train[train_idx], y_train[train_idx]), split(x_train[val_idx], y_train[val_idx]),
+                split(x_test, y_test))
+
+
+def batches(split: Split, batch_size: int, generator: torch.Generator | None = None,
+            shuffle: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Slices of `split`, in a fresh random order when `shuffle`; the last batch may be smaller."""
+    n = len(split)
+    if shuffle:
+        order = torch.randperm(n, generator=generator, device="cpu").to(split.y.device)
+        for i in range(0, n, batch_size):
+            idx = order[i: i + batch_size]
+            yield split.x[idx], split.y[idx]
+    else:
+        for i in range(0, n, batch_size):
+            yield split.x[i: i + batch_size], split.y[i: i + batch_size]
+
+
+def pad_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
+    """He et al. 2015's CIFAR augmentation on a batch: pad by 4, random crop back, random h-flip."""
+    b, _, h, w = x.shape
+    dev = x.device
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
+    rows = (torch.arange(h, device=dev)[None] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=dev)[None] + dx[:, None])[:, None, None, :]
+    out = padded[torch.arange(b, device=dev)[:, None, None, None],
+                 torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
+    flip = (torch.rand(b, generator=generator) < 0.5).to(dev)[:, None, None, None]
+    return torch.where(flip, out.flip(3), out)

@@ -1,0 +1,155 @@
+"""The training loop: optimizer, schedule, per-epoch train/val metrics, non-finite-loss stop.
+
+It takes a model, resident data and typed configs, and hands each epoch's metrics to a callback; it
+knows nothing of Hydra or MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resnet_sweep.config import OptimizerConfig, SchedulerConfig, TrainerConfig
+from resnet_sweep.data import Data, Split, batches, pad_crop_flip
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stops there instead of training on."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        super().__init__(f"non-finite training loss {value} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+def resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return the generator that orders batches and augments."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    name = cfg.name.name
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int):  # noqa: ANN201
+    """A torch scheduler stepped once per epoch (None for a constant lr)."""
+    name = cfg.name.name
+    if name == "multistep":
+        milestones = sorted({max(1, round(m * epochs)) for m in cfg.milestones})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.gamma)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=cfg.min_lr)
+    if name == "plateau":
+        mode = "min" if cfg.monitor.name.endswith("loss") else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.factor,
+                                                          patience=cfg.patience, min_lr=cfg.min_lr)
+    return None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy in [0, 1]) over `split`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=split.y.device)
+    correct = torch.zeros((), device=split.y.device, dtype=torch.long)
+    for x, y in batches(split, batch_size):
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum")
+        correct += (out.argmax(1) == y).sum()
+    model.train(was_training)
+    n = len(split)
+    return loss.item() / n, correct.item() / n
+
+
+EpochCallback = Callable[[dict[str, float], int], None]  # (metrics, epoch)
+
+
+def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg: TrainerConfig,  # noqa: ANN001
+        generator: torch.Generator, augment: bool = False, monitor: str = "val_loss",
+        on_epoch: EpochCallback | None = None, best_checkpoint: Path | None = None) -> dict[str, float]:
+    """Train for cfg.epochs; return the final metrics, test included.
+
+    With `best_checkpoint`, the weights of the best-val_acc epoch are saved there (the article's
+    "best model kept") and reloaded, with weights_only=True, for the test.
+
+    Each epoch's metrics (train_loss, train_acc, val_loss, val_acc, lr, epoch_seconds, samples_per_s)
+    go to `on_epoch(metrics, epoch)` as soon as the epoch ends. Raises NonFiniteLoss at the first
+    NaN/inf loss it checks (every cfg.finite_check_every steps), before that step's update.
+    """
+    best_acc = -1.0
+    metrics: dict[str, float] = {}
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        # Sums stay on the device: no host sync per step except the finite check.
+        loss_sum = torch.zeros((), device=data.train.y.device)
+        correct = torch.zeros((), device=data.train.y.device, dtype=torch.long)
+        for step, (x, y) in enumerate(batches(data.train, cfg.batch_size, generator, shuffle=True), 1):
+            if augment:
+                x = pad_crop_flip(x, generator)
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+            if step % cfg.finite_check_every == 0 and not math.isfinite(value := loss.item()):
+                raise NonFiniteLoss(epoch, step, value)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (out.argmax(1) == y).sum()
+        n = len(data.train)
+        train_loss = loss_sum.item() / n
+        if not math.isfinite(train_loss):
+            raise NonFiniteLoss(epoch, step, train_loss)
+        seconds = time.perf_counter() - start
+        val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size)
+        metrics = {
+            "train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc,
+            "lr": opt.param_groups[0]["lr"], "epoch_seconds": seconds, "samples_per_s": n / seconds,
+        }
+        log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.3g  %.1f s  %.0f samples/s",
+                 epoch, cfg.epochs, train_loss, 100 * metrics["train_acc"], val_loss, 100 * val_acc,
+                 metrics["lr"], seconds, metrics["samples_per_s"])
+        if on_epoch is not None:
+            on_epoch(metrics, epoch)
+        if best_checkpoint is not None and val_acc > best_acc:
+            best_acc = val_acc
+            torch.save(model.state_dict(), best_checkpoint)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(metrics[monitor])
+        elif scheduler is not None:
+            scheduler.step()
+    if best_checkpoint is not None:
+        model.load_state_dict(torch.load(best_checkpoint, map_location=data.test.y.device, weights_only=True))
+    test_loss, test_acc = evaluate(model, data.test, cfg.eval_batch_size)
+    log.info("test loss %.4f acc %.2f%%%s", test_loss, 100 * test_acc,
+             f" (best val_acc {100 * best_acc:.2f}% checkpoint)" if best_checkpoint is not None else "")
+    return {**metrics, "test_loss": test_loss, "test_acc": test_acc}
