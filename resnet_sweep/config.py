@@ -77,8 +77,8 @@ class DataConfig:
     download: bool = True  # try to download a missing torchvision dataset (needs the network)
     input_shape: list[int] = field(default_factory=lambda: [1, 8, 8])  # (C, H, W), checked on load
     num_classes: int = 10
-    mean: list[float] = field(default_factory=lambda: [0.0])  # per channel, of pixels scaled to [0, 1]
-    std: list[float] = field(default_factory=lambda: [1.0])
+    mean: list[float] = field(default_factory=lambda: [0.3053])  # per channel, of pixels in [0, 1] (digits)
+    std: list[float] = field(default_factory=lambda: [0.3760])
     val_fraction: float = 0.1  # held out of the training set, seeded by split_seed
     split_seed: int = 0  # fixed apart from `seed`, so every trial validates on the same images
     train_subset: Optional[int] = None  # cap on training examples after the split, for quick studies
@@ -166,17 +166,22 @@ class Config:
     objective: Metric = Metric.val_acc  # what the task returns to the sweeper (after the last epoch)
 
 
+def to_typed(node: DictConfig) -> Any:
+    """A composed (sub)config as its dataclass, running every `__post_init__` check."""
+    try:
+        return OmegaConf.to_object(node)
+    except ValidationError as exc:  # OmegaConf wraps what __post_init__ raised; show just that
+        if isinstance(exc.__cause__, ConfigError):
+            raise exc.__cause__ from None
+        raise
+
+
 def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
     """The composed config as typed objects; raises ConfigError on a value no type can rule out.
 
     `sweep_direction` (the Optuna sweeper's, when sweeping) must agree with the objective metric.
     """
-    try:
-        conf = OmegaConf.to_object(cfg)
-    except ValidationError as exc:  # OmegaConf wraps what __post_init__ raised; show just that
-        if isinstance(exc.__cause__, ConfigError):
-            raise exc.__cause__ from None
-        raise
+    conf = to_typed(cfg)
     assert isinstance(conf, Config)
     if sweep_direction is not None:
         wanted = "minimize" if conf.objective.name.endswith("loss") else "maximize"

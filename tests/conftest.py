@@ -1,0 +1,31 @@
+"""Shared helpers: run the real CLI in a scratch folder, compose configs like the CLI does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def run_cli(cwd: Path, *args: str, module: str = "resnet_sweep", timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m <module> args...` from `cwd`, which then holds outputs/, mlflow.db and optuna.db."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def compose_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), job_name="test"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

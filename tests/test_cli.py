@@ -1,0 +1,103 @@
+"""The real CLI, end to end: runs and sweeps recorded in MLflow and Optuna, read back with their clients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+QUICK = ("trainer.epochs=2", "data.train_subset=256")
+
+
+def runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
+    db = workdir / "mlflow.db"
+    if not db.exists():
+        return []
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_a_run_is_recorded_in_mlflow(workdir: Path) -> None:
+    res = run_cli(workdir, *QUICK, "trainer.save_best=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "epoch 2/2" in res.stderr + res.stdout  # a progress line per epoch
+    (run,) = runs(workdir)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.depth"] == "20" and run.data.params["model.family"] == "resnet"
+    assert run.data.params["model.num_parameters"] == "269434"
+    assert run.data.tags["choice.model"] == "resnet20" and run.data.tags["choice.data"] == "digits"
+    assert "data.train_subset=256" in run.data.tags["hydra.overrides"]
+    assert run.data.tags["version.torch"] and run.data.tags["mlflow.source.git.commit"]
+    history = client.get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [1, 2]
+    for key in ("train_loss", "train_acc", "val_loss", "lr", "epoch_seconds", "samples_per_s", "test_acc"):
+        assert key in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {".hydra", "config_resolved.yaml", "best.pt"} <= artifacts
+    hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, ".hydra")}
+    assert ".hydra/config.yaml" in hydra_files and ".hydra/overrides.yaml" in hydra_files
+    # one database, at the folder the command ran from
+    assert [p.name for p in workdir.rglob("mlflow.db")] == ["mlflow.db"]
+
+
+def test_a_two_trial_sweep_fills_optuna_and_mlflow(workdir: Path) -> None:
+    res = run_cli(workdir, "-m", *QUICK, "hydra.sweeper.n_trials=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    recorded = runs(workdir)
+    assert len(recorded) == 2 and {r.info.status for r in recorded} == {"FINISHED"}
+    values = sorted(r.data.metrics["val_acc"] for r in recorded)
+    assert sorted(t.value for t in study.trials) == pytest.approx(values)
+    assert list(workdir.glob("outputs/multiruns/*/*/optimization_results.yaml"))
+    assert "Best value" in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.dpth=20", "dpth"),                      # unknown key
+    ("trainer.epochs=ten", "ten"),                  # wrong type
+    ("model=resnet33", "resnet20"),                 # unknown choice: lists the available ones
+    ("model.depth=33", "6n+2"),                     # invalid value
+])
+def test_bad_overrides_fail_before_training_and_record_nothing(workdir: Path, override: str, message: str) -> None:
+    res = run_cli(workdir, override)
+    assert res.returncode != 0
+    assert message in res.stderr + res.stdout
+    assert "epoch 1/" not in res.stderr + res.stdout
+    assert runs(workdir) == []
+
+
+def test_a_diverging_run_is_failed_with_its_reason(workdir: Path) -> None:
+    res = run_cli(workdir, *QUICK, "optimizer.lr=1e8")
+    assert res.returncode != 0
+    (run,) = runs(workdir)
+    assert run.info.status == "FAILED"
+    assert "non-finite training loss" in run.data.tags["failure_reason"]
+    assert "epoch 2/2" not in res.stderr + res.stdout  # it did not train on
+
+
+def test_a_diverging_trial_fails_and_the_sweep_goes_on(workdir: Path) -> None:
+    res = run_cli(workdir, "-m", *QUICK, "hydra.sweeper.n_trials=2", "optimizer.lr=1e8,0.05")
+    assert res.returncode == 0, res.stderr[-3000:]
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    states = sorted(t.state.name for t in optuna.load_study(study_name=summary.study_name, storage=storage).trials)
+    assert states == ["COMPLETE", "FAIL"]
+    assert sorted(r.info.status for r in runs(workdir)) == ["FAILED", "FINISHED"]
+
+
+def test_summary_prints_the_layer_table_and_params(workdir: Path) -> None:
+    res = run_cli(workdir, "model=resnet56", module="resnet_sweep.summary")
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("params: 852") and "0.85M" in last
+    assert "BasicBlock" in res.stdout

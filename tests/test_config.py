@@ -1,0 +1,81 @@
+"""Every preset composes and builds; bad values fail at composition or validation, naming the fix."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from conftest import CONF, compose_config
+from resnet_sweep.config import ConfigError, to_typed
+from resnet_sweep.models import build_model
+
+GROUPS = ["model", "data", "optimizer", "scheduler", "trainer", "tracking"]
+
+
+def presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_the_issue_named_presets_exist() -> None:
+    expected = {f"{f}{d}" for f in ("resnet", "plain") for d in (20, 32, 44, 56, 110, 18, 34, 50, 101, 152)}
+    assert expected | {"article"} <= set(presets("model"))
+    assert {"digits", "mnist", "fashion_mnist", "cifar10"} <= set(presets("data"))
+    assert {"sgd", "adam", "adamw"} <= set(presets("optimizer"))
+    assert {"none", "multistep", "cosine", "plateau"} <= set(presets("scheduler"))
+
+
+@pytest.mark.parametrize("model", presets("model"))
+def test_every_model_preset_composes_and_builds(model: str) -> None:
+    cfg = compose_config(f"model={model}")
+    m, d = to_typed(cfg.model), to_typed(cfg.data)
+    net = build_model(m, d.input_shape, d.num_classes)
+    assert sum(p.numel() for p in net.parameters()) > 0
+
+
+@pytest.mark.parametrize("group", ["data", "optimizer", "scheduler", "trainer", "tracking", "experiment"])
+def test_every_other_preset_composes(group: str) -> None:
+    for name in presets(group):
+        cfg = compose_config(f"{group}={name}")
+        for g in ("model", "data", "optimizer", "scheduler", "trainer"):
+            to_typed(cfg[g])
+
+
+def test_unknown_key_fails_at_composition() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("model.dpth=20")
+    assert "dpth" in str(err.value) or "dpth" in str(err.value.__cause__)
+
+
+def test_wrong_type_fails_at_composition() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("trainer.epochs=ten")
+    assert isinstance(err.value.__cause__, ValidationError)
+
+
+def test_unknown_enum_value_names_the_valid_ones() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("model.activation=swishy")
+    assert "relu" in str(err.value.__cause__) and "sigmoid" in str(err.value.__cause__)
+
+
+def test_unknown_choice_names_the_available_ones() -> None:
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config("model=resnet33")
+    assert "resnet20" in str(err.value)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("model.depth=33", ["6n+2", "20", "56", "110"]),
+    ("model=resnet18 model.depth=19", ["18", "34", "50", "101", "152"]),
+    ("optimizer.lr=-0.1", ["optimizer.lr", "> 0"]),
+    ("data.val_fraction=1.5", ["val_fraction"]),
+    ("trainer.device=tpu", ["cuda", "cpu"]),
+])
+def test_invalid_values_fail_validation_naming_the_fix(override: str, words: list[str]) -> None:
+    cfg = compose_config(*override.split())
+    with pytest.raises(ConfigError) as err:
+        for g in ("model", "data", "optimizer", "trainer"):
+            to_typed(cfg[g])
+    for w in words:
+        assert w in str(err.value)

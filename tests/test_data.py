@@ -1,0 +1,66 @@
+"""Datasets load offline into seeded splits; a missing dataset says where its files belong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from resnet_sweep.config import DataConfig, DatasetName
+from resnet_sweep.data import DEBIAN_FASHION_MNIST, DataUnavailable, batches, load, pad_crop_flip
+
+CPU = torch.device("cpu")
+
+
+def test_digits_split_is_seeded_and_disjoint() -> None:
+    cfg = DataConfig(val_fraction=0.1, split_seed=0)
+    a, b = load(cfg, CPU), load(cfg, CPU)
+    assert (len(a.train), len(a.val), len(a.test)) == (1293, 144, 360)
+    assert torch.equal(a.val.x, b.val.x)
+    other = load(DataConfig(val_fraction=0.1, split_seed=1), CPU)
+    assert not torch.equal(a.val.x, other.val.x)
+    assert torch.equal(a.test.x, other.test.x)  # the test set never moves
+    # normalised with the preset's statistics: roughly zero mean, unit std
+    assert abs(a.train.x.mean().item()) < 0.1 and abs(a.train.x.std().item() - 1) < 0.1
+
+
+def test_train_subset_caps_the_training_set_only() -> None:
+    d = load(DataConfig(train_subset=100), CPU)
+    assert len(d.train) == 100 and len(d.val) == 144
+
+
+def test_batches_cover_every_example_once_per_epoch() -> None:
+    d = load(DataConfig(), CPU)
+    seen = torch.cat([y for _, y in batches(d.train, 128, torch.Generator().manual_seed(0), shuffle=True)])
+    assert len(seen) == len(d.train) and torch.equal(seen.sort().values, d.train.y.sort().values)
+
+
+def test_wrong_input_shape_is_named() -> None:
+    with pytest.raises(ValueError, match=r"data.input_shape=\[1, 8, 8\]"):
+        load(DataConfig(input_shape=[1, 28, 28]), CPU)
+
+
+def test_missing_mnist_offline_names_the_files_and_digits(tmp_path: Path) -> None:
+    cfg = DataConfig(name=DatasetName.mnist, root=str(tmp_path), download=False, input_shape=[1, 28, 28],
+                     mean=[0.1307], std=[0.3081])
+    with pytest.raises(DataUnavailable) as err:
+        load(cfg, CPU)
+    assert str(tmp_path / "MNIST" / "raw") in str(err.value) and "data=digits" in str(err.value)
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_loads_from_debians_package(tmp_path: Path) -> None:
+    cfg = DataConfig(name=DatasetName.fashion_mnist, root=str(tmp_path), download=False, input_shape=[1, 28, 28],
+                     mean=[0.2860], std=[0.3530], train_subset=1000)
+    d = load(cfg, CPU)
+    assert (len(d.train), len(d.val), len(d.test)) == (1000, 6000, 10000)
+    assert set(d.test.y.tolist()) == set(range(10))
+
+
+def test_pad_crop_flip_keeps_shape_and_content_scale() -> None:
+    x = torch.randn(16, 3, 32, 32)
+    out = pad_crop_flip(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.equal(out, x)
+    # a zero shift without flip is the identity: some images keep most of their pixels
+    assert (out == 0).float().mean() < 0.3
