@@ -17,8 +17,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from resnet_sweep import data as datasets
+from resnet_sweep.data import probe_batch
 from resnet_sweep import tracking
 from resnet_sweep.config import Config, validate
+from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.models import build_model, count_parameters
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 
@@ -45,13 +47,21 @@ def main(cfg: DictConfig) -> float:
     n_params = count_parameters(model)
     log.info("%s on %s (%d train / %d val / %d test) on %s, %s parameters", hc.runtime.choices.model,
              conf.data.name.name, len(data.train), len(data.val), len(data.test), device, f"{n_params:,}")
+    gradients = GradientNorms(model) if conf.trainer.grad_norms else None
     try:
         with tracking.job_run(cfg) as run:
             if run is not None:
                 run.log_params({"model.num_parameters": n_params, "device": device})
+            if gradients is not None:
+                x, y = probe_batch(data.train, conf.trainer.grad_probe_size, conf.data.split_seed)
+                at_init = gradients.at_init(model, x, y)
+                log.info("gradient first/last layer ratio at init: %.3g", at_init[RATIO_KEY])
+                if run is not None:
+                    run.log_metrics(at_init, step=0)
+                    run.log_text("\n".join(gradients.names), "grad_layers.txt")
             best = Path(hc.runtime.output_dir) / "best.pt" if conf.trainer.save_best else None
             metrics = fit(model, data, opt, scheduler, conf.trainer, generator, augment=conf.data.augment,
-                          monitor=conf.scheduler.monitor.name, best_checkpoint=best,
+                          monitor=conf.scheduler.monitor.name, best_checkpoint=best, gradients=gradients,
                           on_epoch=run.log_metrics if run is not None else None)
             if run is not None:
                 run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)

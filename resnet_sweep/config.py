@@ -135,6 +135,8 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch intra-op threads on the CPU; null: torch's default
     finite_check_every: int = 1  # steps between non-finite-loss checks (each check syncs a GPU)
     save_best: bool = False  # keep the checkpoint of the best val_acc epoch and test that one
+    grad_norms: bool = True  # per-layer weight-gradient norms at init and each epoch (diagnostics.py)
+    grad_probe_size: int = 128  # examples in the fixed, seeded batch for the init record
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"trainer.epochs={self.epochs} must be > 0")
@@ -164,6 +166,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
     objective: Metric = Metric.val_acc  # what the task returns to the sweeper (after the last epoch)
+    report: bool = False  # draw the report (resnet_sweep.report) when a sweep ends
 
 
 def to_typed(node: DictConfig) -> Any:

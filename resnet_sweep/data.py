@@ -162,6 +162,12 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
             yield split.x[i: i + batch_size], split.y[i: i + batch_size]
 
 
+def probe_batch(split: Split, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch of `split`, the same for every run that shares `seed` (the split seed)."""
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:size].to(split.y.device)
+    return split.x[idx], split.y[idx]
+
+
 def pad_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
     """He et al. 2015's CIFAR augmentation on a batch: pad by 4, random crop back, random h-flip."""
     b, _, h, w = x.shape

@@ -8,6 +8,7 @@ serves the basic and the joblib launcher.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,7 @@ _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
 def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
     """Create the tracking database and the experiment if missing; return the experiment id.
 
-    Run once in the launching process (see PrepareStore) so parallel jobs never race to create and
+    Run once in the launching process (see SweepRun) so parallel jobs never race to create and
     migrate a fresh SQLite database.
     """
     client = MlflowClient(uri)
@@ -59,17 +60,57 @@ def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
         return found.experiment_id
 
 
-class PrepareStore(Callback):
-    """Hydra callback: creates the MLflow store in the sweeping process before any job is launched.
+PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"  # how jobs, in this process or launcher workers, find the sweep's run
 
-    A single run needs no callback: its one job creates the store (`job_run`). Hydra turns a
-    callback's exception into a warning, so a job still calls prepare_store itself.
+
+class SweepRun(Callback):
+    """Hydra callback: one MLflow parent run per sweep, created before any job is launched.
+
+    Creating it also creates the tracking database, once, in the sweeping process, so parallel jobs
+    never race to create and migrate a fresh SQLite file. Each job's run becomes its child (through
+    PARENT_ENV, inherited by launcher workers). At the end the parent gets the sweep's
+    optimization results and, when the config asks for it (`report: true`), the report.
+    Hydra turns a callback's exception into a warning, so jobs still create the store if it is missing.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         t = config.tracking
-        if t.enabled:
-            prepare_store(t.uri, t.experiment, t.artifact_location)
+        if not t.enabled:
+            return
+        client = MlflowClient(t.uri)
+        experiment_id = prepare_store(t.uri, t.experiment, t.artifact_location)
+        hc = HydraConfig.get()
+        sweeper = hc.sweeper
+        sweep_dir = str(Path(hc.sweep.dir).resolve())
+        run = client.create_run(experiment_id, run_name=f"sweep {Path(sweep_dir).parent.name}/{Path(sweep_dir).name}",
+                                tags={"role": "sweep", "sweep.dir": sweep_dir,
+                                      "hydra.overrides": " ".join(hc.overrides.task),
+                                      "mlflow.source.git.commit": _git_commit()})
+        job = JobRun(client, run.info.run_id)
+        params = {f"sweeper.{k}": v for k, v in flatten(OmegaConf.to_container(sweeper, resolve=True)).items()
+                  if not k.startswith("_")}
+        job.log_params(params)
+        os.environ[PARENT_ENV] = run.info.run_id
+        log.info("MLflow sweep run %s (parent of every trial's run)", run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        run_id = os.environ.pop(PARENT_ENV, None)
+        if run_id is None:
+            return
+        client = MlflowClient(config.tracking.uri)
+        job = JobRun(client, run_id)
+        results = Path(HydraConfig.get().sweep.dir) / "optimization_results.yaml"
+        if results.is_file():
+            job.log_artifact(results)
+            best = OmegaConf.load(results)
+            if "best_value" in best:
+                job.log_params({f"best.{k}": v for k, v in best.best_params.items()})
+                job.log_metrics({"best_value": best.best_value}, step=0)
+        if config.get("report"):
+            from resnet_sweep import report  # only sweeps that ask for a report pay for matplotlib
+
+            report.write_report(config.tracking.uri, sweep_run_id=run_id)
+        client.set_terminated(run_id, "FINISHED")
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -149,6 +190,9 @@ class JobRun:
         if folder.is_dir():
             self.client.log_artifacts(self.run_id, str(folder), artifact_path)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
     def log_artifact(self, file: Path, artifact_path: str | None = None) -> None:
         if file.is_file():
             self.client.log_artifact(self.run_id, str(file), artifact_path)
@@ -169,8 +213,11 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterat
     experiment_id = prepare_store(t.uri, t.experiment, t.artifact_location)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    run = client.create_run(experiment_id, run_name=job_dir.name if HydraConfig.get().mode.name == "MULTIRUN"
-                            else None, tags={**provenance_tags(), **(extra_tags or {})})
+    tags = {**provenance_tags(), **(extra_tags or {})}
+    parent = os.environ.get(PARENT_ENV)
+    if parent and HydraConfig.get().mode.name == "MULTIRUN":
+        tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
+    run = client.create_run(experiment_id, run_name=job_dir.name if parent else None, tags=tags)
     job = JobRun(client, run.info.run_id)
     log.info("MLflow run %s in experiment '%s' at %s", run.info.run_id, t.experiment, t.uri)
     try:

@@ -20,6 +20,7 @@ from torch import nn
 
 from resnet_sweep.config import OptimizerConfig, SchedulerConfig, TrainerConfig
 from resnet_sweep.data import Data, Split, batches, pad_crop_flip
+from resnet_sweep.diagnostics import GradientNorms
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ EpochCallback = Callable[[dict[str, float], int], None]  # (metrics, epoch)
 
 def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg: TrainerConfig,  # noqa: ANN001
         generator: torch.Generator, augment: bool = False, monitor: str = "val_loss",
-        on_epoch: EpochCallback | None = None, best_checkpoint: Path | None = None) -> dict[str, float]:
+        on_epoch: EpochCallback | None = None, best_checkpoint: Path | None = None,
+        gradients: GradientNorms | None = None) -> dict[str, float]:
     """Train for cfg.epochs; return the final metrics, test included.
 
     With `best_checkpoint`, the weights of the best-val_acc epoch are saved there (the article's
@@ -104,7 +106,9 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
     Each epoch's metrics (train_loss, train_acc, val_loss, val_acc, lr, epoch_seconds, samples_per_s)
     go to `on_epoch(metrics, epoch)` as soon as the epoch ends. Raises NonFiniteLoss at the first
     NaN/inf loss it checks (every cfg.finite_check_every steps), before that step's update.
+    With `gradients`, each epoch's metrics also carry its per-layer gradient norms.
     """
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     best_acc = -1.0
     metrics: dict[str, float] = {}
     for epoch in range(1, cfg.epochs + 1):
@@ -122,6 +126,8 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
                 raise NonFiniteLoss(epoch, step, value)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if gradients is not None and gradients.wants(step, steps_per_epoch):
+                gradients.observe()
             opt.step()
             loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
@@ -135,6 +141,8 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
             "train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc,
             "lr": opt.param_groups[0]["lr"], "epoch_seconds": seconds, "samples_per_s": n / seconds,
         }
+        if gradients is not None:
+            metrics.update(gradients.epoch_end())
         log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.3g  %.1f s  %.0f samples/s",
                  epoch, cfg.epochs, train_loss, 100 * metrics["train_acc"], val_loss, 100 * val_acc,
                  metrics["lr"], seconds, metrics["samples_per_s"])

@@ -14,13 +14,15 @@ pytestmark = pytest.mark.slow
 QUICK = ("trainer.epochs=2", "data.train_subset=256")
 
 
-def runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
+def runs(workdir: Path, experiment: str = "resnet_sweep", role: str | None = None) -> list:
+    """The experiment's runs: jobs (single runs and trials) by default, or those tagged `role`."""
     db = workdir / "mlflow.db"
     if not db.exists():
         return []
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name(experiment)
-    return [] if exp is None else client.search_runs([exp.experiment_id])
+    found = [] if exp is None else client.search_runs([exp.experiment_id])
+    return [r for r in found if (r.data.tags.get("role") == role if role else r.data.tags.get("role") != "sweep")]
 
 
 def test_a_run_is_recorded_in_mlflow(workdir: Path) -> None:
@@ -60,6 +62,14 @@ def test_a_two_trial_sweep_fills_optuna_and_mlflow(workdir: Path) -> None:
     assert sorted(t.value for t in study.trials) == pytest.approx(values)
     assert list(workdir.glob("outputs/multiruns/*/*/optimization_results.yaml"))
     assert "Best value" in res.stderr + res.stdout
+    # one parent run for the sweep, holding the search space and the best value
+    (parent,) = runs(workdir, role="sweep")
+    assert parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in recorded} == {parent.info.run_id}
+    assert parent.data.params["sweeper.params.optimizer.lr"] == "tag(log, interval(0.01, 0.5))"
+    assert parent.data.metrics["best_value"] == pytest.approx(max(values))
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert "optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 @pytest.mark.parametrize("override,message", [

@@ -1,0 +1,315 @@
+"""Figures and a summary table from what MLflow recorded, and only that (it never imports the training code).
+
+`python -m resnet_sweep.report [--experiment NAME] [--run ID]` picks the latest top-level run of the
+experiment (a sweep's parent run, or a single run), reads its trials back through the MLflow client,
+writes PNG figures and summary.md to outputs/reports/<experiment>-<run>/, and logs them as artifacts
+of that run. Which figures it draws depends on what the runs vary:
+- depth_vs_accuracy.png: training error and test accuracy vs depth, plain vs resnet, mean +- std
+  over seeds (He et al. 2015, Fig. 1/6 in spirit), when runs span depths and families;
+- training_curves.png: training and validation error per epoch, one line per depth, plain | resnet;
+- gradient_profile_depth<N>.png: weight-gradient norm vs layer index (log scale), at init and after
+  training, one line per activation/norm/family/init setting;
+- accuracy_per_epoch.png: validation accuracy per epoch for one run (the seed article's plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Run  # noqa: E402
+
+GRAD = re.compile(r"grad_norm/(\d+)$")
+RATIO = "grad_ratio_first_last"
+# The settings a report tells apart; seeds are what it averages over.
+SETTING_KEYS = ("model.family", "model.depth", "model.activation", "model.norm", "model.init",
+                "model.preactivation", "model.layout", "data.name")
+FAMILY_COLOR = {"plain": "tab:red", "resnet": "tab:blue"}
+
+
+@dataclass
+class Trial:
+    """One recorded run, as the report needs it."""
+
+    run_id: str
+    status: str
+    params: dict[str, str]
+    final: dict[str, float]
+    history: dict[str, dict[int, float]] = field(default_factory=dict)  # metric -> {step: value}
+
+    def setting(self, keys: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(self.params.get(k, "") for k in keys)
+
+    def grad_profile(self, step: int) -> list[float]:
+        layers = sorted(int(GRAD.match(k).group(1)) for k in self.history if GRAD.match(k))
+        return [self.history[f"grad_norm/{i:03d}"].get(step, float("nan")) for i in layers]
+
+    @property
+    def last_epoch(self) -> int:
+        return max(self.history.get("train_acc", {0: 0}))
+
+
+def _load(client: MlflowClient, run: Run, with_grads: bool = True) -> Trial:
+    keys = [k for k in run.data.metrics if with_grads or not GRAD.match(k)]
+    history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in keys}
+    return Trial(run.info.run_id, run.info.status, dict(run.data.params), dict(run.data.metrics), history)
+
+
+def find_runs(client: MlflowClient, experiment: str | None, run_id: str | None) -> tuple[Run, list[Run]]:
+    """(the top run, its trials): a sweep's parent and children, or a single run and itself."""
+    if run_id:
+        top = client.get_run(run_id)
+    else:
+        exps = client.search_experiments()
+        if experiment:
+            exps = [e for e in exps if e.name == experiment]
+            if not exps:
+                raise SystemExit(f"no MLflow experiment named '{experiment}'; have: "
+                                 f"{', '.join(e.name for e in client.search_experiments())}")
+        found = client.search_runs([e.experiment_id for e in exps], "attributes.status != 'RUNNING'",
+                                   order_by=["attributes.start_time DESC"], max_results=200)
+        top_level = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+        if not top_level:
+            raise SystemExit("no finished runs to report on; run an experiment first "
+                             "(e.g. python -m resnet_sweep experiment=degradation -m)")
+        top = top_level[0]
+    if top.data.tags.get("role") != "sweep":
+        return top, [top]
+    children = client.search_runs([top.info.experiment_id], f"tags.mlflow.parentRunId = '{top.info.run_id}'",
+                                  max_results=5000)
+    return top, children
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _groups(trials: list[Trial], keys: tuple[str, ...]) -> dict[tuple[str, ...], list[Trial]]:
+    out: dict[tuple[str, ...], list[Trial]] = defaultdict(list)
+    for t in trials:
+        out[t.setting(keys)].append(t)
+    return dict(out)
+
+
+def _varying(trials: list[Trial]) -> tuple[str, ...]:
+    return tuple(k for k in SETTING_KEYS if len({t.params.get(k) for t in trials}) > 1)
+
+
+def depth_vs_accuracy(trials: list[Trial], out: Path, title: str) -> Path:
+    fig, (ax_train, ax_test) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for family, group in sorted(_groups(trials, ("model.family",)).items()):
+        by_depth = _groups(group, ("model.depth",))
+        depths = sorted(by_depth, key=lambda d: int(d[0]))
+        x = [int(d[0]) for d in depths]
+        for ax, metric, err in ((ax_train, "train_acc", True), (ax_test, "test_acc", False)):
+            stats = [_mean_std([100 * (1 - t.final[metric]) if err else 100 * t.final[metric]
+                                for t in by_depth[d]]) for d in depths]
+            ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4,
+                        color=FAMILY_COLOR.get(family[0]), label=f"{family[0]}")
+    ax_train.set(xlabel="depth (weighted layers)", ylabel="training error at the last epoch (%)",
+                 title="Training error: lower is better")
+    ax_test.set(xlabel="depth (weighted layers)", ylabel="test accuracy (%)", title="Test accuracy: higher is better")
+    for ax in (ax_train, ax_test):
+        ax.grid(alpha=0.3)
+        ax.legend(title="family (mean ± std over seeds)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out / "depth_vs_accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def training_curves(trials: list[Trial], out: Path, title: str) -> Path:
+    families = sorted({t.params.get("model.family", "") for t in trials})
+    depths = sorted({int(t.params.get("model.depth", 0)) for t in trials})
+    cmap = plt.get_cmap("viridis")
+    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.2), sharey=True, squeeze=False)
+    for ax, family in zip(axes[0], families):
+        for i, depth in enumerate(depths):
+            group = [t for t in trials if t.params.get("model.family") == family
+                     and int(t.params.get("model.depth", 0)) == depth]
+            if not group:
+                continue
+            color = cmap(i / max(1, len(depths) - 1))
+            for metric, style in (("train_acc", "-"), ("val_acc", "--")):
+                epochs = sorted(set.intersection(*(set(t.history.get(metric, {})) for t in group)))
+                mean = [statistics.fmean(100 * (1 - t.history[metric][e]) for t in group) for e in epochs]
+                ax.plot(epochs, mean, style, color=color, label=f"{depth} layers" if metric == "train_acc" else None)
+        ax.set(title=f"{family}: solid = training, dashed = validation", xlabel="epoch", ylabel="error (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(title="depth", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _label(params: dict[str, str]) -> str:
+    init = params.get("model.init", "")
+    if init == "normal":
+        init = f"N(0,{params.get('model.init_std')})"
+    norm = "BN" if params.get("model.norm") == "batch" else "no BN"
+    pre = " pre-act" if params.get("model.preactivation") == "True" else ""
+    return f"{params.get('model.family')}{pre}, {norm}, {init}"
+
+
+def gradient_profiles(trials: list[Trial], out: Path, title: str) -> list[Path]:
+    paths = []
+    for (depth,), group in sorted(_groups(trials, ("model.depth",)).items(), key=lambda kv: int(kv[0][0])):
+        activations = sorted({t.params.get("model.activation", "") for t in group})
+        fig, axes = plt.subplots(2, len(activations), figsize=(6.5 * len(activations), 8.5), squeeze=False,
+                                 sharey="row")
+        floor = None
+        for row, when in enumerate(("at initialisation", "after training")):
+            for col, act in enumerate(activations):
+                ax = axes[row][col]
+                for key, runs in sorted(_groups([t for t in group if t.params.get("model.activation") == act],
+                                                ("model.family", "model.norm", "model.init",
+                                                 "model.preactivation")).items()):
+                    t = runs[0]  # the first seed: a profile is one run's, not an average
+                    prof = t.grad_profile(0 if row == 0 else t.last_epoch)
+                    pos = [v for v in prof if v > 0]
+                    floor = min([floor or 1.0, *pos]) if pos else floor
+                    ax.plot(range(len(prof)), [v if v > 0 else float("nan") for v in prof],
+                            color=FAMILY_COLOR.get(key[0]), linestyle="-" if key[1] == "batch" else "--",
+                            alpha=1.0 if key[2] != "normal" else 0.45, marker="o" if key[3] == "True" else None,
+                            markersize=3, label=_label(t.params))
+                ax.set_yscale("log")
+                ax.set(title=f"{act}, {when}", xlabel="layer index (0 = first conv, last = classifier)",
+                       ylabel="‖∂loss/∂W‖₂ of the layer")
+                ax.grid(alpha=0.3, which="both")
+        axes[0][-1].legend(fontsize=7, loc="lower right", title="red plain / blue resnet; dashed: no BN; faint: N(0,std) init")
+        fig.suptitle(f"{title}: depth {depth}. Gaps: gradients that underflowed to 0 in float32")
+        fig.tight_layout()
+        path = out / f"gradient_profile_depth{depth}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def accuracy_per_epoch(trial: Trial, out: Path, title: str) -> Path:
+    val = trial.history.get("val_acc", {})
+    epochs = sorted(val)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(epochs, [100 * val[e] for e in epochs], marker="o", label="validation accuracy")
+    if "train_acc" in trial.history:
+        tr = trial.history["train_acc"]
+        ax.plot(sorted(tr), [100 * tr[e] for e in sorted(tr)], marker=".", alpha=0.6, label="training accuracy")
+    if epochs:
+        best = max(epochs, key=lambda e: val[e])
+        ax.annotate(f"best {100 * val[best]:.2f} % (epoch {best})", (best, 100 * val[best]),
+                    textcoords="offset points", xytext=(-60, -25), arrowprops={"arrowstyle": "->"})
+    test = trial.final.get("test_acc")
+    ax.set(xlabel="epoch", ylabel="accuracy (%)",
+           title=f"{title}" + (f" — test accuracy {100 * test:.2f} %" if test is not None else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "accuracy_per_epoch.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_table(trials: list[Trial], keys: tuple[str, ...]) -> list[dict[str, str]]:
+    rows = []
+    for setting, group in sorted(_groups(trials, keys).items(), key=lambda kv: tuple(
+            (int(v) if v.isdigit() else v) for v in kv[0])):
+        done = [t for t in group if t.status == "FINISHED" and "train_acc" in t.final]
+        row = {k.split(".")[-1]: v for k, v in zip(keys, setting)}
+        row["runs"] = f"{len(done)}/{len(group)}"
+        for metric in ("train_acc", "test_acc"):
+            vals = [100 * t.final[metric] for t in done if metric in t.final]
+            row[metric + " %"] = "failed" if not vals else "{:.1f} ± {:.1f}".format(*_mean_std(vals))
+        init_ratios = [t.history.get(RATIO, {}).get(0) for t in group]
+        end_ratios = [t.final.get(RATIO) for t in done]
+        row["grad ratio init"] = _fmt_ratio(init_ratios)
+        row["grad ratio end"] = _fmt_ratio(end_ratios)
+        rows.append(row)
+    return rows
+
+
+def _fmt_ratio(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    return "–" if not vals else f"{statistics.median(vals):.2g}"
+
+
+def to_markdown(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(no runs)\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(r[h] for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(uri: str, experiment: str | None = None, run_id: str | None = None, sweep_run_id: str | None = None,
+                 out_root: Path = Path("outputs/reports")) -> Path:
+    """Draw the report of one run or sweep; return its folder."""
+    client = MlflowClient(uri)
+    top, runs = find_runs(client, experiment, run_id or sweep_run_id)
+    exp_name = client.get_experiment(top.info.experiment_id).name
+    trials = [_load(client, r) for r in runs]
+    out = out_root / f"{exp_name}-{top.info.run_id[:8]}"
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = trials[0].params.get("data.name", "?") if trials else "?"
+    varying = _varying(trials)
+    finished = [t for t in trials if t.status == "FINISHED" and "train_acc" in t.final]
+    figures: list[Path] = []
+    if {"model.family", "model.depth"} <= set(varying) and finished:
+        epochs = finished[0].params.get("trainer.epochs")
+        title = f"Plain vs residual nets on {dataset}, {epochs} epochs, same recipe (only the shortcuts differ)"
+        figures += [depth_vs_accuracy(finished, out, title), training_curves(finished, out, title)]
+    if any(t.grad_profile(0) for t in trials) and {"model.activation", "model.norm", "model.init"} & set(varying):
+        figures += gradient_profiles(trials, out, f"Weight-gradient norm by layer on {dataset}")
+    if len(trials) == 1:
+        t = trials[0]
+        figures.append(accuracy_per_epoch(t, out, f"{t.params.get('model.layout', '')} "
+                                                  f"{t.params.get('model.family', '')} on {dataset}"))
+    keys = varying or ("model.family", "model.depth")
+    table = to_markdown(summary_table(trials, keys))
+    md = [f"# Report: {exp_name}, run {top.info.run_id}", "",
+          f"{len(trials)} run(s) on {dataset}; settings vary in: {', '.join(varying) or 'nothing'}. "
+          "Accuracies are means ± std over seeds, at the last epoch; grad ratio = first-layer over "
+          "last-layer weight-gradient norm (median over seeds), at init and at the last epoch.", "", table]
+    md += [f"![{p.stem}]({p.name})" for p in figures]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    print(table)
+    for p in figures:
+        print(f"wrote {p}")
+    print(f"wrote {out / 'summary.md'}")
+    client.log_artifacts(top.info.run_id, str(out), "report")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resnet_sweep.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--uri", default=f"sqlite:///{Path('mlflow.db').resolve()}",
+                        help="MLflow tracking URI (default: mlflow.db in this folder)")
+    parser.add_argument("--experiment", help="MLflow experiment name (default: the one with the latest run)")
+    parser.add_argument("--run", help="a sweep's parent run id or a single run's id (default: the latest)")
+    parser.add_argument("--out", default="outputs/reports", help="folder for the report folders")
+    args = parser.parse_args(argv)
+    if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///"):]).exists():
+        raise SystemExit(f"no MLflow database at {args.uri[len('sqlite:///'):]}: run from the project root or pass --uri")
+    write_report(args.uri, args.experiment, args.run, out_root=Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
