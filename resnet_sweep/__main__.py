@@ -45,8 +45,9 @@ def main(cfg: DictConfig) -> float:
     opt = build_optimizer(model.parameters(), conf.optimizer)
     scheduler = build_scheduler(opt, conf.scheduler, conf.trainer.epochs)
     n_params = count_parameters(model)
-    log.info("%s on %s (%d train / %d val / %d test) on %s, %s parameters", hc.runtime.choices.model,
-             conf.data.name.name, len(data.train), len(data.val), len(data.test), device, f"{n_params:,}")
+    log.info("%s-%d (%s layout, %s, norm %s) on %s (%d train / %d val / %d test) on %s, %s parameters",
+             conf.model.family.name, conf.model.depth, conf.model.layout.name, conf.model.activation.name,
+             conf.model.norm.name, conf.data.name.name, len(data.train), len(data.val), len(data.test), device, f"{n_params:,}")
     gradients = GradientNorms(model) if conf.trainer.grad_norms else None
     try:
         with tracking.job_run(cfg) as run:

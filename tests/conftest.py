@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+import resnet_sweep.config  # noqa: F401  (registers the typed schema that conf/config.yaml extends)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
