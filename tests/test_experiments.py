@@ -1,0 +1,87 @@
+"""Fast versions of each experiment, end to end through the CLI, asserting on what MLflow recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+FAST = ("trainer.epochs=1", "data.train_subset=128")
+
+
+def client_for(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def sweep_and_trials(workdir: Path, experiment: str) -> tuple:
+    client = client_for(workdir)
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("role") == "sweep"]
+    return client, parent, [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+def report_files(client: MlflowClient, run_id: str) -> set[str]:
+    return {Path(a.path).name for a in client.list_artifacts(run_id, "report")}
+
+
+def test_degradation_grid_runs_and_draws_its_report(workdir: Path) -> None:
+    res = run_cli(workdir, "experiment=degradation", "-m", *FAST, "model.depth=choice(8,14)", "seed=choice(0)")
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, parent, trials = sweep_and_trials(workdir, "degradation")
+    settings = sorted((r.data.params["model.family"], int(r.data.params["model.depth"])) for r in trials)
+    assert settings == [("plain", 8), ("plain", 14), ("resnet", 8), ("resnet", 14)]
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    # the same recipe for both families: only the shortcuts differ
+    assert len({(r.data.params["optimizer.lr"], r.data.params["trainer.epochs"]) for r in trials}) == 1
+    assert {"depth_vs_accuracy.png", "training_curves.png", "summary.md"} <= report_files(client, parent.info.run_id)
+    (summary,) = workdir.glob("outputs/reports/degradation-*/summary.md")
+    rows = [line for line in summary.read_text().splitlines() if line.startswith("| plain") or line.startswith("| resnet")]
+    assert len(rows) == 4
+
+
+def test_vanishing_gradients_grid_records_the_articles_three_causes(workdir: Path) -> None:
+    res = run_cli(workdir, "experiment=vanishing_gradients", "-m", *FAST, "model.depth=choice(20)",
+                  "model.preactivation=choice(false)")
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, parent, trials = sweep_and_trials(workdir, "vanishing_gradients")
+    assert len(trials) == 16
+
+    def ratio_at_init(activation: str, norm: str, family: str, init: str = "kaiming") -> float:
+        (run,) = [r for r in trials if (r.data.params["model.activation"], r.data.params["model.norm"],
+                                        r.data.params["model.family"], r.data.params["model.init"])
+                  == (activation, norm, family, init)]
+        (first,) = [m for m in client.get_metric_history(run.info.run_id, "grad_ratio_first_last") if m.step == 0]
+        return first.value
+
+    assert ratio_at_init("sigmoid", "none", "plain") < 1e-6
+    assert ratio_at_init("relu", "batch", "resnet") > 1e-2 and ratio_at_init("relu", "none", "resnet") > 1e-2
+    assert ratio_at_init("sigmoid", "none", "resnet") > 1e3 * max(ratio_at_init("sigmoid", "none", "plain"), 1e-30)
+    assert {"gradient_profile_depth20.png", "summary.md"} <= report_files(client, parent.info.run_id)
+    (summary,) = workdir.glob("outputs/reports/vanishing_gradients-*/summary.md")
+    assert len([line for line in summary.read_text().splitlines() if line.startswith("| sigmoid")
+                or line.startswith("| relu")]) == 16
+
+
+def test_article_recipe_on_digits_and_its_accuracy_curve(workdir: Path) -> None:
+    res = run_cli(workdir, "experiment=article", "data=digits", "trainer.epochs=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    client = client_for(workdir)
+    (run,) = client.search_runs([client.get_experiment_by_name("article").experiment_id])
+    p = run.data.params
+    assert (p["model.layout"], p["optimizer.name"], p["optimizer.lr"], p["trainer.batch_size"]) == \
+        ("article", "adam", "0.001", "32")
+    assert (p["scheduler.name"], p["scheduler.factor"], p["scheduler.patience"]) == ("plateau", "0.1", "5")
+    assert "best.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    res = run_cli(workdir, "--experiment", "article", module="resnet_sweep.report")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {"accuracy_per_epoch.png", "summary.md"} <= report_files(client, run.info.run_id)
+
+
+def test_report_without_a_database_says_what_to_do(workdir: Path) -> None:
+    res = run_cli(workdir, module="resnet_sweep.report")
+    assert res.returncode != 0 and "no MLflow database" in res.stderr
