@@ -15,6 +15,7 @@ of that run. Which figures it draws depends on what the runs vary:
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 import sys
@@ -161,40 +162,46 @@ def training_curves(trials: list[Trial], out: Path, title: str) -> Path:
 def _label(params: dict[str, str]) -> str:
     init = params.get("model.init", "")
     if init == "normal":
-        init = f"N(0,{params.get('model.init_std')})"
-    norm = "BN" if params.get("model.norm") == "batch" else "no BN"
+        init = f"N(0, {params.get('model.init_std')}²)"
     pre = " pre-act" if params.get("model.preactivation") == "True" else ""
-    return f"{params.get('model.family')}{pre}, {norm}, {init}"
+    return f"{params.get('model.family')}{pre}, {init} init"
 
 
 def gradient_profiles(trials: list[Trial], out: Path, title: str) -> list[Path]:
+    """One figure per depth: a column per (activation, norm), rows at init and after training; in each
+    panel one line per family x init (x pre-activation), one run (the first seed) each."""
     paths = []
     for (depth,), group in sorted(_groups(trials, ("model.depth",)).items(), key=lambda kv: int(kv[0][0])):
-        activations = sorted({t.params.get("model.activation", "") for t in group})
-        fig, axes = plt.subplots(2, len(activations), figsize=(6.5 * len(activations), 8.5), squeeze=False,
-                                 sharey="row")
-        floor = None
-        for row, when in enumerate(("at initialisation", "after training")):
-            for col, act in enumerate(activations):
+        columns = sorted(_groups(group, ("model.activation", "model.norm")).items(),
+                         key=lambda kv: (kv[0][0] != "sigmoid", kv[0][1] != "none"))
+        fig, axes = plt.subplots(2, len(columns), figsize=(4.2 * len(columns) + 0.5, 7.8), squeeze=False,
+                                 sharey=True)
+        handles = {}
+        for col, ((activation, norm), runs) in enumerate(columns):
+            for row, when in enumerate(("at initialisation", "after training")):
                 ax = axes[row][col]
-                for key, runs in sorted(_groups([t for t in group if t.params.get("model.activation") == act],
-                                                ("model.family", "model.norm", "model.init",
-                                                 "model.preactivation")).items()):
-                    t = runs[0]  # the first seed: a profile is one run's, not an average
+                for key, same in sorted(_groups(runs, ("model.family", "model.init", "model.preactivation")).items()):
+                    t = same[0]
+                    if row == 1 and t.status != "FINISHED":
+                        continue  # a diverged run has no after-training profile
                     prof = t.grad_profile(0 if row == 0 else t.last_epoch)
-                    pos = [v for v in prof if v > 0]
-                    floor = min([floor or 1.0, *pos]) if pos else floor
-                    ax.plot(range(len(prof)), [v if v > 0 else float("nan") for v in prof],
-                            color=FAMILY_COLOR.get(key[0]), linestyle="-" if key[1] == "batch" else "--",
-                            alpha=1.0 if key[2] != "normal" else 0.45, marker="o" if key[3] == "True" else None,
-                            markersize=3, label=_label(t.params))
+                    (line,) = ax.plot(range(len(prof)), [v if v > 0 else float("nan") for v in prof],
+                                      color=FAMILY_COLOR.get(key[0]), linestyle="-" if key[1] != "normal" else "--",
+                                      marker="o" if key[2] == "True" else None, markersize=3, linewidth=1.6)
+                    handles.setdefault(_label(t.params), line)
                 ax.set_yscale("log")
-                ax.set(title=f"{act}, {when}", xlabel="layer index (0 = first conv, last = classifier)",
-                       ylabel="‖∂loss/∂W‖₂ of the layer")
-                ax.grid(alpha=0.3, which="both")
-        axes[0][-1].legend(fontsize=7, loc="lower right", title="red plain / blue resnet; dashed: no BN; faint: N(0,std) init")
-        fig.suptitle(f"{title}: depth {depth}. Gaps: gradients that underflowed to 0 in float32")
-        fig.tight_layout()
+                ax.grid(alpha=0.3, which="major")
+                norm_name = "BatchNorm" if norm == "batch" else "no BatchNorm"
+                ax.set_title(f"{activation}, {norm_name}\n{when}", fontsize=10)
+                if row == 1:
+                    ax.set_xlabel("layer index (0 = first conv)")
+                if col == 0:
+                    ax.set_ylabel("‖∂loss/∂W‖₂ of the layer")
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(4, len(handles)),
+                   frameon=False, fontsize=9)
+        fig.suptitle(f"{title}, depth {depth}: the weight-gradient norm of every layer "
+                     "(a line that stops: the gradient underflowed to 0 in float32)", fontsize=11)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         path = out / f"gradient_profile_depth{depth}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -246,7 +253,11 @@ def summary_table(trials: list[Trial], keys: tuple[str, ...]) -> list[dict[str, 
 
 def _fmt_ratio(values: list[float | None]) -> str:
     vals = [v for v in values if v is not None]
-    return "–" if not vals else f"{statistics.median(vals):.2g}"
+    if not vals:
+        return "–"
+    if all(math.isnan(v) for v in vals):
+        return "0/0 (underflow)"  # both norms underflowed to 0
+    return f"{statistics.median(v for v in vals if not math.isnan(v)):.2g}"
 
 
 def to_markdown(rows: list[dict[str, str]]) -> str:
@@ -271,12 +282,12 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
     varying = _varying(trials)
     finished = [t for t in trials if t.status == "FINISHED" and "train_acc" in t.final]
     figures: list[Path] = []
-    if {"model.family", "model.depth"} <= set(varying) and finished:
+    if set(varying) == {"model.family", "model.depth"} and finished:
         epochs = finished[0].params.get("trainer.epochs")
         title = f"Plain vs residual nets on {dataset}, {epochs} epochs, same recipe (only the shortcuts differ)"
         figures += [depth_vs_accuracy(finished, out, title), training_curves(finished, out, title)]
     if any(t.grad_profile(0) for t in trials) and {"model.activation", "model.norm", "model.init"} & set(varying):
-        figures += gradient_profiles(trials, out, f"Weight-gradient norm by layer on {dataset}")
+        figures += gradient_profiles(trials, out, f"Vanishing gradients on {dataset}")
     if len(trials) == 1:
         t = trials[0]
         figures.append(accuracy_per_epoch(t, out, f"{t.params.get('model.layout', '')} "
