@@ -41,8 +41,11 @@ def main(cfg: DictConfig) -> float:
     generator = seed_everything(conf.seed)
     device = resolve_device(conf.trainer.device)
     model = build_model(conf.model, conf.data.input_shape, conf.data.num_classes).to(device)
+    if conf.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     data = datasets.load(conf.data, device)  # a missing dataset fails here, before any run is recorded
     opt = build_optimizer(model.parameters(), conf.optimizer)
+    train_model = torch.compile(model) if conf.trainer.compile else model  # same parameters, compiled graph
     scheduler = build_scheduler(opt, conf.scheduler, conf.trainer.epochs)
     n_params = count_parameters(model)
     log.info("%s-%d (%s layout, %s, norm %s) on %s (%d train / %d val / %d test) on %s, %s parameters",
@@ -61,7 +64,7 @@ def main(cfg: DictConfig) -> float:
                     run.log_metrics(at_init, step=0)
                     run.log_text("\n".join(gradients.names), "grad_layers.txt")
             best = Path(hc.runtime.output_dir) / "best.pt" if conf.trainer.save_best else None
-            metrics = fit(model, data, opt, scheduler, conf.trainer, generator, augment=conf.data.augment,
+            metrics = fit(train_model, data, opt, scheduler, conf.trainer, generator, augment=conf.data.augment,
                           monitor=conf.scheduler.monitor.name, best_checkpoint=best, gradients=gradients,
                           on_epoch=run.log_metrics if run is not None else None)
             if run is not None:

@@ -38,7 +38,7 @@ from resnet_sweep.data import Data, DataUnavailable, Split, load_arrays
 from resnet_sweep.diagnostics import GradientNorms
 from resnet_sweep.models import build_model, count_parameters
 from resnet_sweep.summary import CONF_DIR
-from resnet_sweep.train import fit, resolve_device, seed_everything
+from resnet_sweep.train import autocast, fit, resolve_device, seed_everything
 
 MNIST_SHAPE = (1, 28, 28)
 
@@ -101,16 +101,19 @@ def article_loop(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int, ste
     return run
 
 
-def bare_loop(model: nn.Module, data: Split, batch: int, device: torch.device):  # noqa: ANN201
+def bare_loop(model: nn.Module, data: Split, batch: int, device: torch.device, trainer: TrainerConfig):  # noqa: ANN201
+    """The least a loop can do, with the same precision and memory format as the trainer's."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if trainer.channels_last else torch.contiguous_format
 
     def run(n: int) -> None:
         model.train()
         order = torch.randperm(len(data), generator=gen).to(device)
         for i in range(n):
             idx = order[i * batch: (i + 1) * batch]
-            loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+            with autocast(device, trainer.precision.name):
+                loss = F.cross_entropy(model(data.x[idx].contiguous(memory_format=fmt)).float(), data.y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -118,9 +121,10 @@ def bare_loop(model: nn.Module, data: Split, batch: int, device: torch.device): 
     return run
 
 
-def framework_loop(model: nn.Module, data: Data, trainer: TrainerConfig, repeats: int, workdir: Path) -> tuple[list[float], float]:
-    """resnet_sweep's fit() with MLflow and gradient norms on: (train-phase samples/s per epoch after the
-    first, whole-trial samples/s including validation and logging)."""
+def framework_loop(model: nn.Module, data: Data, trainer: TrainerConfig, repeats: int, workdir: Path,
+                   grad_norms: bool = True) -> tuple[list[float], float]:
+    """resnet_sweep's fit() with MLflow (and gradient norms) on: (train-phase samples/s per epoch after
+    the first, whole-trial samples/s including validation, logging and any compile time)."""
     from mlflow import MlflowClient
 
     from resnet_sweep.tracking import JobRun, prepare_store
@@ -137,8 +141,10 @@ def framework_loop(model: nn.Module, data: Data, trainer: TrainerConfig, repeats
 
     cfg = replace(trainer, epochs=repeats + 1)  # epoch 1 is the warm-up
     device = data.train.y.device
-    seconds = _timed(lambda: fit(model, data, opt, None, cfg, seed_everything(0), on_epoch=on_epoch,
-                                 gradients=GradientNorms(model)), device)
+    gradients = GradientNorms(model) if grad_norms else None
+    train_model = torch.compile(model) if trainer.compile else model
+    seconds = _timed(lambda: fit(train_model, data, opt, None, cfg, seed_everything(0), on_epoch=on_epoch,
+                                 gradients=gradients), device)
     client.set_terminated(run.run_id)
     whole = (repeats + 1) * len(data.train) / seconds
     return per_epoch[1:], whole
@@ -186,18 +192,22 @@ def main(argv: list[str] | None = None) -> int:
         run(args.warmup)
         results["(a) article loop: DataLoader + per-sample ToTensor"] = [
             steps * batch / _timed(lambda: run(steps), device) for _ in range(args.repeats)]
-    run = bare_loop(copy.deepcopy(reference), train, batch, device)
+    if trainer.channels_last:
+        reference = reference.to(memory_format=torch.channels_last)
+    run = bare_loop(copy.deepcopy(reference), train, batch, device, trainer)
     run(args.warmup)
     results["(b) bare PyTorch loop, tensors in memory"] = [
         steps * batch / _timed(lambda: run(steps), device) for _ in range(args.repeats)]
     with tempfile.TemporaryDirectory() as tmp:
         per_epoch, whole = framework_loop(copy.deepcopy(reference), data, trainer, args.repeats, Path(tmp))
+        bare_fit, _ = framework_loop(copy.deepcopy(reference), data, trainer, args.repeats, Path(tmp), False)
     results["(c) resnet_sweep fit(), MLflow + grad norms on"] = per_epoch
     results["(c') same, whole trial incl. validation + logging"] = [whole]
+    results["(c0) fit() with gradient norms off"] = bare_fit
 
-    print(f"# resnet_sweep.bench, {date.today()}: {cfg.model.layout}/{cfg.model.family}-{cfg.model.depth} "
+    print(f"# resnet_sweep.bench, {date.today()}: {model_cfg.layout.name} {model_cfg.family.name}-{model_cfg.depth} "
           f"({count_parameters(reference):,} params), batch {batch}, {steps} steps x {args.repeats} repeats, "
-          f"{source} 1x28x28 data")
+          f"{source} 1x28x28 data, {trainer.precision.name}, channels_last={trainer.channels_last}")
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"| loop | samples/s (median) | min | max |\n| --- | --- | --- | --- |")

@@ -29,6 +29,7 @@ OptimizerName = enum.Enum("OptimizerName", "sgd adam adamw")
 SchedulerName = enum.Enum("SchedulerName", "none multistep cosine plateau")
 # Metrics a job can hand to the sweeper as its objective (their values after the last epoch).
 Metric = enum.Enum("Metric", "val_acc val_loss train_acc train_loss test_acc test_loss")
+Precision = enum.Enum("Precision", "fp32 bf16 fp16")
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,9 @@ class TrainerConfig:
     finite_check_every: int = 1  # steps between non-finite-loss checks (each check syncs a GPU)
     save_best: bool = False  # keep the checkpoint of the best val_acc epoch and test that one
     grad_norms: bool = True  # per-layer weight-gradient norms at init and each epoch (diagnostics.py)
+    precision: Precision = Precision.fp32  # bf16/fp16: autocast for forward and loss (fp16 adds loss scaling)
+    channels_last: bool = False  # NHWC memory format for the model and each batch (pays on GPUs with AMP)
+    compile: bool = False  # torch.compile the model (pays only when the trial outlasts the compile time)
     grad_probe_size: int = 128  # examples in the fixed, seeded batch for the init record
 
     def __post_init__(self) -> None:

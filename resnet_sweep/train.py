@@ -6,6 +6,7 @@ knows nothing of Hydra or MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -75,16 +76,24 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: in
     return None
 
 
+def autocast(device: torch.device, precision: str):  # noqa: ANN201
+    """The autocast context for `precision` (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "fp32") -> tuple[float, float]:
     """(mean cross-entropy, accuracy in [0, 1]) over `split`, in eval mode."""
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=split.y.device)
     correct = torch.zeros((), device=split.y.device, dtype=torch.long)
     for x, y in batches(split, batch_size):
-        out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum")
+        with autocast(split.y.device, precision):
+            out = model(x)
+        loss += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
     model.train(was_training)
     n = len(split)
@@ -109,6 +118,9 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
     With `gradients`, each epoch's metrics also carry its per-layer gradient norms.
     """
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    device, precision = data.train.y.device, cfg.precision.name
+    # fp16 needs loss scaling against underflow; bf16 has fp32's exponent range and does not
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     best_acc = -1.0
     metrics: dict[str, float] = {}
     for epoch in range(1, cfg.epochs + 1):
@@ -120,15 +132,26 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
         for step, (x, y) in enumerate(batches(data.train, cfg.batch_size, generator, shuffle=True), 1):
             if augment:
                 x = pad_crop_flip(x, generator)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                out = model(x)
+                loss = F.cross_entropy(out.float(), y)
             if step % cfg.finite_check_every == 0 and not math.isfinite(value := loss.item()):
                 raise NonFiniteLoss(epoch, step, value)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)  # true gradients for the diagnostics; step skips inf/nan ones
+            else:
+                loss.backward()
             if gradients is not None and gradients.wants(step, steps_per_epoch):
                 gradients.observe()
-            opt.step()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
             loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
         n = len(data.train)
@@ -136,7 +159,7 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
         if not math.isfinite(train_loss):
             raise NonFiniteLoss(epoch, step, train_loss)
         seconds = time.perf_counter() - start
-        val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size)
+        val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, precision)
         metrics = {
             "train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc,
             "lr": opt.param_groups[0]["lr"], "epoch_seconds": seconds, "samples_per_s": n / seconds,
@@ -157,7 +180,7 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
             scheduler.step()
     if best_checkpoint is not None:
         model.load_state_dict(torch.load(best_checkpoint, map_location=data.test.y.device, weights_only=True))
-    test_loss, test_acc = evaluate(model, data.test, cfg.eval_batch_size)
+    test_loss, test_acc = evaluate(model, data.test, cfg.eval_batch_size, precision)
     log.info("test loss %.4f acc %.2f%%%s", test_loss, 100 * test_acc,
              f" (best val_acc {100 * best_acc:.2f}% checkpoint)" if best_checkpoint is not None else "")
     return {**metrics, "test_loss": test_loss, "test_acc": test_acc}

@@ -1,0 +1,62 @@
+"""The training loop: it learns, stops at the first non-finite loss, and its fast paths give the same kind of result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resnet_sweep.config import (DataConfig, ModelConfig, Norm, OptimizerConfig, Precision, SchedulerConfig,
+                                 SchedulerName, TrainerConfig)
+from resnet_sweep.data import load
+from resnet_sweep.models import build_model
+from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, seed_everything
+
+DATA = load(DataConfig(train_subset=512), torch.device("cpu"))
+
+
+def train(epochs: int = 3, lr: float = 0.05, **trainer) -> tuple[torch.nn.Module, dict[str, float]]:
+    generator = seed_everything(0)
+    model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
+    if trainer.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=lr))
+    return model, fit(model, DATA, opt, None, TrainerConfig(epochs=epochs, batch_size=64, **trainer), generator)
+
+
+def test_it_learns_and_reports_every_metric() -> None:
+    _, metrics = train()
+    assert metrics["train_acc"] > 0.8 and metrics["test_acc"] > 0.7
+    assert {"train_loss", "val_loss", "val_acc", "lr", "epoch_seconds", "samples_per_s", "test_loss"} <= set(metrics)
+
+
+def test_same_seed_same_result() -> None:
+    assert train(epochs=1)[1]["train_loss"] == train(epochs=1)[1]["train_loss"]
+
+
+@pytest.mark.parametrize("trainer", [{"precision": Precision.bf16}, {"channels_last": True}])
+def test_fast_paths_still_learn_on_the_cpu(trainer: dict) -> None:
+    _, metrics = train(**trainer)
+    assert metrics["train_acc"] > 0.7 and torch.isfinite(torch.tensor(metrics["train_loss"]))
+
+
+def test_a_non_finite_loss_stops_before_its_update() -> None:
+    generator = seed_everything(0)
+    model = build_model(ModelConfig(depth=8, norm=Norm.none), (1, 8, 8), 10)
+    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=1e12, momentum=0.0))
+    with pytest.raises(NonFiniteLoss) as err:
+        fit(model, DATA, opt, None, TrainerConfig(epochs=5, batch_size=64), generator)
+    assert err.value.epoch == 1 and "non-finite" in str(err.value)
+    # the weights it stopped with came from finite losses only: no NaN was ever applied
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_multistep_milestones_are_fractions_of_the_epochs() -> None:
+    model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
+    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=0.1))
+    sched = build_scheduler(opt, SchedulerConfig(name=SchedulerName.multistep, milestones=[0.5, 0.75]), 20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[9] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.01) and lrs[15] == pytest.approx(0.001)
