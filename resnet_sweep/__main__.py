@@ -7,28 +7,25 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
+import statistics
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from resnet_sweep import data as datasets
-from resnet_sweep.data import probe_batch
 from resnet_sweep import tracking
 from resnet_sweep.config import Config, validate
+from resnet_sweep.data import probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.models import build_model, count_parameters
+from resnet_sweep.sweeper import JobTrial, Pruned, install_sigterm_handler
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 
 log = logging.getLogger("resnet_sweep")
-# Hydra 1.4 warns for every config-named _target_ instantiated without an execution whitelist, and
-# gives callbacks no way to pass one. Ours (conf/config.yaml: hydra.callbacks) is our own code.
-warnings.filterwarnings("ignore", message=r"hydra\.utils\.instantiate\(\) resolved _target_='resnet_sweep\.",
-                        category=UserWarning)
 
 
 @hydra.main(config_path="../conf", config_name="config")
@@ -36,9 +33,35 @@ def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
     conf: Config = validate(cfg, sweep_direction=hc.sweeper.get("direction") if sweeping else None)
+    install_sigterm_handler()  # SIGTERM ends the run KILLED (and its trial FAIL) instead of vanishing
     if conf.trainer.threads:
         torch.set_num_threads(conf.trainer.threads)
-    generator = seed_everything(conf.seed)
+    trial = (JobTrial(conf.sweep.study, conf.sweep.storage, conf.sweep.trial, hc.sweeper.get("pruner"))
+             if sweeping and conf.sweep.trial is not None else None)
+    values, run_ids = [], []
+    for repeat in range(conf.sweep.seeds):  # seed repeats: never a search dimension, averaged here
+        value, run_id = train_and_record(cfg, conf, conf.seed + repeat, trial if repeat == 0 else None, sweeping)
+        values.append(value)
+        run_ids.append(run_id)
+        if not math.isfinite(value):
+            break  # a diverged seed fails the trial; the rest would not change that
+    objective = statistics.fmean(values)
+    if conf.sweep.seeds > 1:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        log.info("objective %s over %d seeds: %.4f ± %.4f", conf.objective.name, len(values), objective, std)
+        if trial is not None:
+            trial.set(objective_per_seed=values, objective_std=std, mlflow_run_ids=run_ids)
+    return objective
+
+
+def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None, sweeping: bool) -> tuple[float, str | None]:
+    """One training of the configured net with `seed`, recorded as one MLflow run: (objective, run id)."""
+    hc = HydraConfig.get()
+    if seed != conf.seed:  # the run's params must say which seed it trained with
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.seed = seed
+    generator = seed_everything(seed)
     device = resolve_device(conf.trainer.device)
     model = build_model(conf.model, conf.data.input_shape, conf.data.num_classes).to(device)
     if conf.trainer.channels_last:
@@ -48,12 +71,19 @@ def main(cfg: DictConfig) -> float:
     train_model = torch.compile(model) if conf.trainer.compile else model  # same parameters, compiled graph
     scheduler = build_scheduler(opt, conf.scheduler, conf.trainer.epochs)
     n_params = count_parameters(model)
-    log.info("%s-%d (%s layout, %s, norm %s) on %s (%d train / %d val / %d test) on %s, %s parameters",
+    log.info("%s-%d (%s layout, %s, norm %s) on %s (%d train / %d val / %d test) on %s, %s parameters, seed %d",
              conf.model.family.name, conf.model.depth, conf.model.layout.name, conf.model.activation.name,
-             conf.model.norm.name, conf.data.name.name, len(data.train), len(data.val), len(data.test), device, f"{n_params:,}")
+             conf.model.norm.name, conf.data.name.name, len(data.train), len(data.val), len(data.test), device,
+             f"{n_params:,}", seed)
     gradients = GradientNorms(model) if conf.trainer.grad_norms else None
+    objective = conf.objective.name
+    trial_tags = {} if trial is None else {"optuna.study": conf.sweep.study, "optuna.trial": trial.number}
+    run_id = None
     try:
-        with tracking.job_run(cfg) as run:
+        with tracking.job_run(cfg, {**trial_tags, "seed": seed}) as run:
+            run_id = run.run_id if run is not None else None
+            if trial is not None:
+                trial.set(mlflow_run_id=run_id, job_dir=str(hc.runtime.output_dir))
             if run is not None:
                 run.log_params({"model.num_parameters": n_params, "device": device})
             if gradients is not None:
@@ -63,10 +93,25 @@ def main(cfg: DictConfig) -> float:
                 if run is not None:
                     run.log_metrics(at_init, step=0)
                     run.log_text("\n".join(gradients.names), "grad_layers.txt")
+
+            def on_epoch(metrics: dict[str, float], epoch: int) -> None:
+                if run is not None:
+                    run.log_metrics(metrics, epoch)
+                if trial is not None and objective in metrics and trial.should_prune(metrics[objective], epoch):
+                    raise Pruned(epoch, metrics[objective])
+
             best = Path(hc.runtime.output_dir) / "best.pt" if conf.trainer.save_best else None
-            metrics = fit(train_model, data, opt, scheduler, conf.trainer, generator, augment=conf.data.augment,
-                          monitor=conf.scheduler.monitor.name, best_checkpoint=best, gradients=gradients,
-                          on_epoch=run.log_metrics if run is not None else None)
+            try:
+                metrics = fit(train_model, data, opt, scheduler, conf.trainer, generator, augment=conf.data.augment,
+                              monitor=conf.scheduler.monitor.name, best_checkpoint=best, gradients=gradients,
+                              on_epoch=on_epoch)
+            except Pruned as pruned:
+                # the run ends normally, tagged with where it stopped; the sweeper tells the trial PRUNED
+                log.info("trial %d pruned after epoch %d (%s %.4g)", trial.number, pruned.epoch, objective, pruned.value)
+                if run is not None:
+                    run.set_tags({"pruned_at_epoch": pruned.epoch})
+                trial.set(pruned_at_epoch=pruned.epoch)
+                return pruned.value, run_id
             if run is not None:
                 run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
                 if best is not None:
@@ -75,8 +120,10 @@ def main(cfg: DictConfig) -> float:
         if not sweeping:
             raise
         log.error("trial diverged: %s; recorded as FAILED, the sweep goes on", exc)
-        return math.nan  # the Optuna sweeper marks a NaN trial FAIL instead of aborting the sweep
-    return metrics[conf.objective.name]
+        if trial is not None:
+            trial.set(fail_reason=f"NonFiniteLoss: {exc}")
+        return math.nan, run_id  # the sweeper tells a NaN trial FAIL instead of aborting the sweep
+    return metrics[objective], run_id
 
 
 if __name__ == "__main__":

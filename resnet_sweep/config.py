@@ -161,6 +161,19 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """What a job of a sweep knows of its Optuna trial; the sweeper sets study and trial."""
+
+    study: Optional[str] = None
+    trial: Optional[int] = None  # the trial's number in the study (= the job's number)
+    storage: str = "${hydra:sweeper.storage}"
+    seeds: int = 1  # repeats of each trial over seeds seed, seed+1, ...: objective = their mean
+
+    def __post_init__(self) -> None:
+        _check(self.seeds >= 1, f"sweep.seeds={self.seeds} must be >= 1")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,6 +181,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     objective: Metric = Metric.val_acc  # what the task returns to the sweeper (after the last epoch)
     report: bool = False  # draw the report (resnet_sweep.report) when a sweep ends
@@ -199,6 +213,8 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
 
 
 def register() -> None:
+    import resnet_sweep.sweeper  # noqa: F401  (registers hydra/sweeper=resnet_optuna)
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.experimental.callback import Callback
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -43,7 +42,7 @@ _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
 def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
     """Create the tracking database and the experiment if missing; return the experiment id.
 
-    Run once in the launching process (see SweepRun) so parallel jobs never race to create and
+    Run once in the sweeping process (see StudyRun) so parallel jobs never race to create and
     migrate a fresh SQLite database.
     """
     client = MlflowClient(uri)
@@ -60,57 +59,84 @@ def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
         return found.experiment_id
 
 
-PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"  # how jobs, in this process or launcher workers, find the sweep's run
+PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"  # how jobs, in this process or launcher workers, find the study's run
 
 
-class SweepRun(Callback):
-    """Hydra callback: one MLflow parent run per sweep, created before any job is launched.
+class StudyRun:
+    """The MLflow parent run of an Optuna study: one per study, reopened when a sweep of it is rerun.
 
-    Creating it also creates the tracking database, once, in the sweeping process, so parallel jobs
-    never race to create and migrate a fresh SQLite file. Each job's run becomes its child (through
-    PARENT_ENV, inherited by launcher workers). At the end the parent gets the sweep's
-    optimization results and, when the config asks for it (`report: true`), the report.
-    Hydra turns a callback's exception into a warning, so jobs still create the store if it is missing.
+    Opening it creates the tracking database, once, in the sweeping process, before any job starts, so
+    parallel jobs never race to create and migrate a fresh SQLite file. It holds the search space, the
+    sampler and pruner settings, and at the end the best trial and the optimization results; each job's
+    run becomes its child (through PARENT_ENV, which launcher workers inherit).
     """
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+    def __init__(self, config: DictConfig, study: Any, sampler: Any, pruner: Any, space: dict[str, Any]) -> None:
         t = config.tracking
-        if not t.enabled:
+        self.client = MlflowClient(t.uri) if t.enabled else None
+        if self.client is None:
             return
-        client = MlflowClient(t.uri)
         experiment_id = prepare_store(t.uri, t.experiment, t.artifact_location)
-        hc = HydraConfig.get()
-        sweeper = hc.sweeper
-        sweep_dir = str(Path(hc.sweep.dir).resolve())
-        run = client.create_run(experiment_id, run_name=f"sweep {Path(sweep_dir).parent.name}/{Path(sweep_dir).name}",
-                                tags={"role": "sweep", "sweep.dir": sweep_dir,
-                                      "hydra.overrides": " ".join(hc.overrides.task),
-                                      "mlflow.source.git.commit": _git_commit()})
-        job = JobRun(client, run.info.run_id)
-        params = {f"sweeper.{k}": v for k, v in flatten(OmegaConf.to_container(sweeper, resolve=True)).items()
-                  if not k.startswith("_")}
-        job.log_params(params)
-        os.environ[PARENT_ENV] = run.info.run_id
-        log.info("MLflow sweep run %s (parent of every trial's run)", run.info.run_id)
+        run_id = study.user_attrs.get("mlflow_parent_run_id")
+        if run_id and self._exists(run_id):
+            self.client.update_run(run_id, status="RUNNING")
+            log.info("MLflow study run %s reopened (rerun of study '%s')", run_id, study.study_name)
+        else:
+            run = self.client.create_run(experiment_id, run_name=f"study {study.study_name}", tags={
+                "role": "sweep", "optuna.study": study.study_name, "optuna.storage": _safe_url(str(config.hydra.sweeper.storage)),
+                "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(HydraConfig.get().overrides.task)})
+            run_id = run.info.run_id
+            study.set_user_attr("mlflow_parent_run_id", run_id)
+            JobRun(self.client, run_id).log_params({
+                **{f"search_space.{k}": repr(v) for k, v in space.items()},
+                "sampler": repr(sampler), "pruner": type(pruner).__name__,
+                **{f"pruner.{k}": v for k, v in vars(pruner).items() if not k.startswith("__")},
+                "n_trials": config.hydra.sweeper.n_trials, "direction": str(config.hydra.sweeper.direction)})
+            log.info("MLflow study run %s (parent of every trial's run)", run_id)
+        self.run_id = run_id
+        JobRun(self.client, run_id).set_tags({"sweep.dir": str(Path(config.hydra.sweep.dir).resolve())})
+        os.environ[PARENT_ENV] = run_id
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        run_id = os.environ.pop(PARENT_ENV, None)
-        if run_id is None:
+    def _exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
+
+    def kill_trial_run(self, run_id: str | None) -> None:
+        """Mark a trial's run KILLED unless it already ended."""
+        if self.client is not None and run_id and self._exists(run_id):
+            if self.client.get_run(run_id).info.status == "RUNNING":
+                self.client.set_terminated(run_id, "KILLED")
+
+    def finish(self, results: dict[str, Any] | None, config: DictConfig, results_file: str | None = None,
+               failed: str | None = None) -> None:
+        os.environ.pop(PARENT_ENV, None)
+        if self.client is None:
             return
-        client = MlflowClient(config.tracking.uri)
-        job = JobRun(client, run_id)
-        results = Path(HydraConfig.get().sweep.dir) / "optimization_results.yaml"
-        if results.is_file():
-            job.log_artifact(results)
-            best = OmegaConf.load(results)
-            if "best_value" in best:
-                job.log_params({f"best.{k}": v for k, v in best.best_params.items()})
-                job.log_metrics({"best_value": best.best_value}, step=0)
-        if config.get("report"):
+        job = JobRun(self.client, self.run_id)
+        if results_file:
+            job.log_artifact(Path(results_file))
+        if results and "best_value" in results:
+            # tags and metrics, not params: a rerun of the study may find a better trial
+            job.set_tags({"best.trial": results["best_trial"], "best.run_id": results["best_mlflow_run_id"],
+                          "best.params": results["best_params"], "best.value": results["best_value"]})
+            job.log_metrics({"best_value": results["best_value"],
+                             **{f"trials_{k.lower()}": v for k, v in results["trials"].items()}},
+                            step=sum(results["trials"].values()))
+        if failed:
+            job.set_tags({"failure_reason": failed})
+        if config.get("report") and not failed:
             from resnet_sweep import report  # only sweeps that ask for a report pay for matplotlib
 
-            report.write_report(config.tracking.uri, sweep_run_id=run_id)
-        client.set_terminated(run_id, "FINISHED")
+            report.write_report(config.tracking.uri, sweep_run_id=self.run_id)
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def _safe_url(url: str) -> str:
+    """A storage URL without its password, fit for a tag."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -199,7 +225,7 @@ class JobRun:
 
 
 @contextmanager
-def job_run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterator[JobRun | None]:
+def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterator[JobRun | None]:
     """An MLflow run for the current Hydra job, FINISHED on success, FAILED with the reason otherwise.
 
     Yields None when tracking is disabled. The resolved config goes in as params (long values
@@ -217,6 +243,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterat
     parent = os.environ.get(PARENT_ENV)
     if parent and HydraConfig.get().mode.name == "MULTIRUN":
         tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
+    tags = {k: str(v) for k, v in tags.items()}
     run = client.create_run(experiment_id, run_name=job_dir.name if parent else None, tags=tags)
     job = JobRun(client, run.info.run_id)
     log.info("MLflow run %s in experiment '%s' at %s", run.info.run_id, t.experiment, t.uri)
@@ -228,7 +255,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, str] | None = None) -> Iterat
         yield job
     except BaseException as exc:
         job.set_tags({"failure_reason": f"{type(exc).__name__}: {exc}"})
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"  # SIGTERM, Ctrl-C
         job.log_artifacts(job_dir / ".hydra", ".hydra")
         client.set_terminated(job.run_id, status)
         raise

@@ -61,12 +61,13 @@ def test_a_two_trial_sweep_fills_optuna_and_mlflow(workdir: Path) -> None:
     values = sorted(r.data.metrics["val_acc"] for r in recorded)
     assert sorted(t.value for t in study.trials) == pytest.approx(values)
     assert list(workdir.glob("outputs/multiruns/*/*/optimization_results.yaml"))
-    assert "Best value" in res.stderr + res.stdout
+    assert "Best trial" in res.stderr + res.stdout
     # one parent run for the sweep, holding the search space and the best value
     (parent,) = runs(workdir, role="sweep")
     assert parent.info.status == "FINISHED"
     assert {r.data.tags["mlflow.parentRunId"] for r in recorded} == {parent.info.run_id}
-    assert parent.data.params["sweeper.params.optimizer.lr"] == "tag(log, interval(0.01, 0.5))"
+    assert parent.data.params["search_space.optimizer.lr"].startswith("FloatDistribution(high=0.5, log=True, low=0.01")
+    assert parent.data.params["pruner"] == "NopPruner" and "TPESampler" in parent.data.params["sampler"]
     assert parent.data.metrics["best_value"] == pytest.approx(max(values))
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert "optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
