@@ -97,7 +97,9 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
             def on_epoch(metrics: dict[str, float], epoch: int) -> None:
                 if run is not None:
                     run.log_metrics(metrics, epoch)
-                if trial is not None and objective in metrics and trial.should_prune(metrics[objective], epoch):
+                # after the last epoch there is nothing left to save: the trial completes
+                if (trial is not None and objective in metrics and trial.should_prune(metrics[objective], epoch)
+                        and epoch < conf.trainer.epochs):
                     raise Pruned(epoch, metrics[objective])
 
             best = Path(hc.runtime.output_dir) / "best.pt" if conf.trainer.save_best else None

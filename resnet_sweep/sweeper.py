@@ -137,7 +137,7 @@ class _Impl(OptunaSweeperImpl):
                     except BaseException as exc:  # SIGTERM, Ctrl-C: close what was in flight, then go
                         for t in trials:
                             _close(study, t, TrialState.FAIL, f"sweep interrupted: {type(exc).__name__}: {exc}")
-                            parent.kill_trial_run(_attrs(study, t).get("mlflow_run_id"))
+                            parent.kill_trial_run(_attrs(study, t).get("mlflow_run_id"), f"{type(exc).__name__}: {exc}")
                         raise
                 self.job_idx += len(returns)
                 for trial, ret in zip(trials, returns):
@@ -162,16 +162,14 @@ class _Impl(OptunaSweeperImpl):
             _tell(study, trial, TrialState.COMPLETE, [float(value)])
 
     def _fail_stale(self, study: optuna.Study, parent: tracking.StudyRun) -> None:
-        """Trials left RUNNING by a sweep that died: FAIL in Optuna, KILLED in MLflow."""
-        if not isinstance(study._storage, optuna.storages.RDBStorage):  # noqa: SLF001 (no public accessor)
-            return
+        """Trials left RUNNING by a sweep that died: FAIL in Optuna, KILLED in MLflow (with the reason as
+        its failure_reason tag: Optuna allows no user attr on a finished trial)."""
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
+        optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
             if t.number in before:
-                study._storage.set_trial_user_attr(t._trial_id, "fail_reason",  # noqa: SLF001
-                                                   "stale: its sweep stopped sending heartbeats")
-                parent.kill_trial_run(t.user_attrs.get("mlflow_run_id"))
+                parent.kill_trial_run(t.user_attrs.get("mlflow_run_id"),
+                                      f"stale: its sweep sent no heartbeat for {self.grace_period} s (killed?)")
                 log.warning("trial %d was left RUNNING by a stopped sweep: marked FAIL", t.number)
 
     def _finish(self, study: optuna.Study, parent: tracking.StudyRun) -> None:

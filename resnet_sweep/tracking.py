@@ -104,10 +104,11 @@ class StudyRun:
         except MlflowException:
             return False
 
-    def kill_trial_run(self, run_id: str | None) -> None:
-        """Mark a trial's run KILLED unless it already ended."""
+    def kill_trial_run(self, run_id: str | None, reason: str) -> None:
+        """Mark a trial's run KILLED, with `reason`, unless it already ended."""
         if self.client is not None and run_id and self._exists(run_id):
             if self.client.get_run(run_id).info.status == "RUNNING":
+                JobRun(self.client, run_id).set_tags({"failure_reason": reason})
                 self.client.set_terminated(run_id, "KILLED")
 
     def finish(self, results: dict[str, Any] | None, config: DictConfig, results_file: str | None = None,
