@@ -1,0 +1,92 @@
+"""Scale-out on existing engines: two sweep processes share one Optuna study and one MLflow store on a
+real PostgreSQL server (Debian's, started here on 127.0.0.1 in a temporary folder)."""
+
+from __future__ import annotations
+
+import getpass
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+BINDIRS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+def _as_postgres(*cmd: str) -> list[str]:
+    # PostgreSQL refuses to run as root; CI runs as root, so run its tools as the package's postgres user
+    return ["runuser", "-u", "postgres", "--", *cmd] if getpass.getuser() == "root" else list(cmd)
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    if not BINDIRS:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql")
+        pytest.skip("Debian's postgresql is not installed (apt-get install postgresql)")
+    bindir = Path(BINDIRS[-1])
+    folder = Path(tempfile.mkdtemp(prefix="resnet_sweep_pg_"))
+    folder.chmod(0o755)
+    data = folder / "data"
+    if getpass.getuser() == "root":
+        shutil.chown(folder, "postgres")
+    with socket.socket() as s:  # a free port on loopback
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(_as_postgres(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"),
+                   check=True, capture_output=True)
+    subprocess.run(_as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "start",
+                                "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"),
+                   check=True, capture_output=True)
+    try:
+        for db in ("optuna", "mlflow"):
+            subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
+                           check=True, capture_output=True)
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(_as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_sweep_processes_on_one_postgres_study_record_every_trial_once(postgres: str, tmp_path: Path) -> None:
+    args = ["-m", "workers=serial", "trainer.epochs=2", "data.train_subset=256", "hydra.sweeper.n_trials=6",
+            "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={postgres}/optuna",
+            f"tracking.uri={postgres}/mlflow"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    first = subprocess.Popen([sys.executable, "-m", "resnet_sweep", *args], cwd=tmp_path, env=env,
+                             stdout=logs[0].open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "MLflow study run" not in logs[0].read_text():  # the store exists: a team's database is made once
+        assert first.poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
+        time.sleep(0.2)
+    second = subprocess.Popen([sys.executable, "-m", "resnet_sweep", *args], cwd=tmp_path, env=env,
+                              stdout=logs[1].open("w"), stderr=subprocess.STDOUT)
+    assert first.wait(timeout=600) == 0, logs[0].read_text()[-3000:]
+    assert second.wait(timeout=600) == 0, logs[1].read_text()[-3000:]
+    both = [log.read_text() for log in logs]
+    assert all("sweep.trial=" in text for text in both)  # both processes ran trials of the study
+
+    study = optuna.load_study(study_name="shared", storage=f"{postgres}/optuna")
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) >= 6
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    client = MlflowClient(f"{postgres}/mlflow")
+    runs = client.search_runs([client.get_experiment_by_name("resnet_sweep").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    trials = [r for r in runs if r.data.tags.get("role") != "sweep"]
+    assert len(parents) == 1  # one parent run per study, shared by both processes
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == sorted(numbers)  # each trial once
+    assert sorted(r.info.run_id for r in trials) == sorted(t.user_attrs["mlflow_run_id"] for t in study.trials)
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}

@@ -1,0 +1,31 @@
+"""Logging edge cases never abort a job: long values, keys MLflow refuses, more metrics than one batch holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from resnet_sweep.tracking import JobRun, flatten, prepare_store
+
+
+def test_awkward_values_keys_and_metric_counts_are_recorded(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment_id = prepare_store(uri, "edge", str(tmp_path / "artifacts"))
+    assert prepare_store(uri, "edge", str(tmp_path / "artifacts")) == experiment_id  # idempotent
+    run = JobRun(client, client.create_run(experiment_id).info.run_id)
+    run.log_params({"long": "x" * 7000, "a key with <bad> chars?!": 1, **{f"p{i}": i for i in range(250)}})
+    run.set_tags({"long_tag": "y" * 9000})
+    run.log_metrics({f"m/{i:04d}": float(i) for i in range(1500)}, step=1)
+    client.set_terminated(run.run_id)
+    data = client.get_run(run.run_id).data
+    assert len(data.params["long"]) <= 6000 and data.params["long"].endswith("[shortened]")
+    assert data.params["a key with _bad_ chars__"] == "1"
+    assert len(data.params) == 252 and len(data.metrics) == 1500 and data.metrics["m/1499"] == 1499.0
+    assert len(data.tags["long_tag"]) <= 8000
+
+
+def test_flatten_makes_dotted_keys_and_keeps_lists_whole() -> None:
+    assert flatten({"model": {"depth": 20, "widths": [1, 2]}, "seed": 0}) == {
+        "model.depth": 20, "model.widths": [1, 2], "seed": 0}
