@@ -9,6 +9,7 @@ composed config into these objects, before any data is loaded or any run is reco
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -212,9 +213,16 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
     return conf
 
 
+def short_hash(value: Any) -> str:
+    """8 hex digits naming a value, e.g. a sweep's command-line overrides (${short_hash:...} in YAML)."""
+    return hashlib.sha1(str(value).encode()).hexdigest()[:8]
+
+
 def register() -> None:
     import resnet_sweep.sweeper  # noqa: F401  (registers hydra/sweeper=resnet_optuna)
 
+    if not OmegaConf.has_resolver("short_hash"):
+        OmegaConf.register_new_resolver("short_hash", short_hash)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
 
