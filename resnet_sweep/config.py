@@ -222,7 +222,7 @@ def register() -> None:
     import resnet_sweep.sweeper  # noqa: F401  (registers hydra/sweeper=resnet_optuna)
 
     if not OmegaConf.has_resolver("short_hash"):
-        OmegaConf.register_new_resolver("short_hash", short_hash)
+        OmegaConf.register_resolver("short_hash", short_hash)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
 
