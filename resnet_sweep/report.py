@@ -36,6 +36,7 @@ RATIO = "grad_ratio_first_last"
 SETTING_KEYS = ("model.family", "model.depth", "model.activation", "model.norm", "model.init",
                 "model.preactivation", "model.layout", "data.name")
 FAMILY_COLOR = {"plain": "tab:red", "resnet": "tab:blue"}
+PREACT_COLOR = "tab:green"  # pre-activation ResNets (He et al. 2016) in the gradient profiles
 
 
 @dataclass
@@ -186,7 +187,8 @@ def gradient_profiles(trials: list[Trial], out: Path, title: str) -> list[Path]:
                         continue  # a diverged run has no after-training profile
                     prof = t.grad_profile(0 if row == 0 else t.last_epoch)
                     (line,) = ax.plot(range(len(prof)), [v if v > 0 else float("nan") for v in prof],
-                                      color=FAMILY_COLOR.get(key[0]), linestyle="-" if key[1] != "normal" else "--",
+                                      color=PREACT_COLOR if key[2] == "True" else FAMILY_COLOR.get(key[0]),
+                                      linestyle="-" if key[1] != "normal" else "--",
                                       marker="o" if key[2] == "True" else None, markersize=3, linewidth=1.6)
                     handles.setdefault(_label(t.params), line)
                 ax.set_yscale("log")
