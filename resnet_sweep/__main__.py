@@ -36,11 +36,12 @@ def main(cfg: DictConfig) -> float:
     install_sigterm_handler()  # SIGTERM ends the run KILLED (and its trial FAIL) instead of vanishing
     if conf.trainer.threads:
         torch.set_num_threads(conf.trainer.threads)
-    trial = (JobTrial(conf.sweep.study, conf.sweep.storage, conf.sweep.trial, hc.sweeper.get("pruner"))
+    # the storage comes from the sweeper's own config, not an override, so its password stays out of records
+    trial = (JobTrial(conf.sweep.study, str(hc.sweeper.storage), conf.sweep.trial, hc.sweeper.get("pruner"))
              if sweeping and conf.sweep.trial is not None else None)
     values, run_ids = [], []
     for repeat in range(conf.sweep.seeds):  # seed repeats: never a search dimension, averaged here
-        value, run_id = train_and_record(cfg, conf, conf.seed + repeat, trial if repeat == 0 else None, sweeping)
+        value, run_id = train_and_record(cfg, conf, conf.seed + repeat, trial, sweeping, reports=repeat == 0)
         values.append(value)
         run_ids.append(run_id)
         if not math.isfinite(value):
@@ -54,8 +55,13 @@ def main(cfg: DictConfig) -> float:
     return objective
 
 
-def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None, sweeping: bool) -> tuple[float, str | None]:
-    """One training of the configured net with `seed`, recorded as one MLflow run: (objective, run id)."""
+def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None, sweeping: bool,
+                     reports: bool = True) -> tuple[float, str | None]:
+    """One training of the configured net with `seed`, recorded as one MLflow run: (objective, run id).
+
+    With `reports`, this training is the one whose epochs go to the trial (pruning) and whose run the
+    trial points to; further seed repeats only carry the trial's tags.
+    """
     hc = HydraConfig.get()
     if seed != conf.seed:  # the run's params must say which seed it trained with
         cfg = cfg.copy()
@@ -82,7 +88,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
     try:
         with tracking.job_run(cfg, {**trial_tags, "seed": seed}) as run:
             run_id = run.run_id if run is not None else None
-            if trial is not None:
+            if trial is not None and reports:
                 trial.set(mlflow_run_id=run_id, job_dir=str(hc.runtime.output_dir))
             if run is not None:
                 run.log_params({"model.num_parameters": n_params, "device": device})
@@ -98,8 +104,8 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
                 if run is not None:
                     run.log_metrics(metrics, epoch)
                 # after the last epoch there is nothing left to save: the trial completes
-                if (trial is not None and objective in metrics and trial.should_prune(metrics[objective], epoch)
-                        and epoch < conf.trainer.epochs):
+                if (trial is not None and reports and objective in metrics
+                        and trial.should_prune(metrics[objective], epoch) and epoch < conf.trainer.epochs):
                     raise Pruned(epoch, metrics[objective])
 
             best = Path(hc.runtime.output_dir) / "best.pt" if conf.trainer.save_best else None

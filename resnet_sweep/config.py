@@ -139,7 +139,7 @@ class TrainerConfig:
     save_best: bool = False  # keep the checkpoint of the best val_acc epoch and test that one
     grad_norms: bool = True  # per-layer weight-gradient norms at init and each epoch (diagnostics.py)
     precision: Precision = Precision.fp32  # bf16/fp16: autocast for forward and loss (fp16 adds loss scaling)
-    channels_last: bool = False  # NHWC memory format for the model and each batch (pays on GPUs with AMP)
+    channels_last: bool = True  # NHWC memory format for the model and each batch (BENCHMARKS.md)
     compile: bool = False  # torch.compile the model (pays only when the trial outlasts the compile time)
     grad_probe_size: int = 128  # examples in the fixed, seeded batch for the init record
 
@@ -167,7 +167,6 @@ class SweepConfig:
 
     study: Optional[str] = None
     trial: Optional[int] = None  # the trial's number in the study (= the job's number)
-    storage: str = "${hydra:sweeper.storage}"
     seeds: int = 1  # repeats of each trial over seeds seed, seed+1, ...: objective = their mean
 
     def __post_init__(self) -> None:

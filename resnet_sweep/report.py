@@ -107,6 +107,16 @@ def _varying(trials: list[Trial]) -> tuple[str, ...]:
     return tuple(k for k in SETTING_KEYS if len({t.params.get(k) for t in trials}) > 1)
 
 
+def _save(fig: plt.Figure, path: Path, title: str | None = None, rect: tuple[float, ...] = (0, 0, 1, 1),
+          dpi: int = 110) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def depth_vs_accuracy(trials: list[Trial], out: Path, title: str) -> Path:
     fig, (ax_train, ax_test) = plt.subplots(1, 2, figsize=(11, 4.2))
     for family, group in sorted(_groups(trials, ("model.family",)).items()):
@@ -124,12 +134,7 @@ def depth_vs_accuracy(trials: list[Trial], out: Path, title: str) -> Path:
     for ax in (ax_train, ax_test):
         ax.grid(alpha=0.3)
         ax.legend(title="family (mean ± std over seeds)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = out / "depth_vs_accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "depth_vs_accuracy.png", title)
 
 
 def training_curves(trials: list[Trial], out: Path, title: str) -> Path:
@@ -152,12 +157,7 @@ def training_curves(trials: list[Trial], out: Path, title: str) -> Path:
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(title="depth", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = out / "training_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "training_curves.png", title)
 
 
 def _label(params: dict[str, str]) -> str:
@@ -203,11 +203,7 @@ def gradient_profiles(trials: list[Trial], out: Path, title: str) -> list[Path]:
                    frameon=False, fontsize=9)
         fig.suptitle(f"{title}, depth {depth}: the weight-gradient norm of every layer "
                      "(a line that stops: the gradient underflowed to 0 in float32)", fontsize=11)
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
-        path = out / f"gradient_profile_depth{depth}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, out / f"gradient_profile_depth{depth}.png", rect=(0, 0.06, 1, 1), dpi=100))
     return paths
 
 
@@ -228,11 +224,7 @@ def accuracy_per_epoch(trial: Trial, out: Path, title: str) -> Path:
            title=f"{title}" + (f" — test accuracy {100 * test:.2f} %" if test is not None else ""))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = out / "accuracy_per_epoch.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out / "accuracy_per_epoch.png")
 
 
 def summary_table(trials: list[Trial], keys: tuple[str, ...]) -> list[dict[str, str]]:

@@ -83,7 +83,7 @@ class StudyRun:
             log.info("MLflow study run %s reopened (rerun of study '%s')", run_id, study.study_name)
         else:
             run = self.client.create_run(experiment_id, run_name=f"study {study.study_name}", tags={
-                "role": "sweep", "optuna.study": study.study_name, "optuna.storage": _safe_url(str(config.hydra.sweeper.storage)),
+                "role": "sweep", "optuna.study": study.study_name, "optuna.storage": str(config.hydra.sweeper.storage),
                 "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(HydraConfig.get().overrides.task)})
             run_id = run.info.run_id
             study.set_user_attr("mlflow_parent_run_id", run_id)
@@ -136,7 +136,7 @@ class StudyRun:
 
 
 def _safe_url(url: str) -> str:
-    """A storage URL without its password, fit for a tag."""
+    """Text with the passwords of any URLs in it (scheme://user:password@host) masked, fit for a record."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
@@ -198,12 +198,12 @@ class JobRun:
         self.client, self.run_id = client, run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(clean_key(k), shorten(v, MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+        items = [Param(clean_key(k), shorten(_safe_url(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [RunTag(clean_key(k), shorten(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        items = [RunTag(clean_key(k), shorten(_safe_url(str(v)), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
 
@@ -251,7 +251,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     try:
         job.log_params(flatten(container))
         config_file = job_dir / "config_resolved.yaml"
-        config_file.write_text(OmegaConf.to_yaml(container))
+        config_file.write_text(_safe_url(OmegaConf.to_yaml(container)))
         job.log_artifact(config_file)
         yield job
     except BaseException as exc:

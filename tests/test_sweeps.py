@@ -134,8 +134,11 @@ def test_every_trial_failing_ends_with_a_summary_and_a_nonzero_exit(workdir: Pat
 
 
 def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(workdir: Path) -> None:
-    res = run_cli(workdir, "-m", "workers=serial", "pruner=median", "hydra.sweeper.n_trials=6", "trainer.epochs=5",
-                  "data.train_subset=256", "hydra.sweeper.pruner.n_startup_trials=1", "hydra.sweeper.pruner.n_warmup_steps=1")
+    # hopeless trials by construction (lr 1e-5 learns nothing in 5 epochs) beside good ones (lr 0.05)
+    res = run_cli(workdir, "-m", "workers=serial", "pruner=median", "trainer.epochs=5", "data.train_subset=256",
+                  "search=none", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.05,1e-5)", "seed=choice(0,1,2)",
+                  "hydra.sweeper.n_trials=6", "hydra.sweeper.pruner.n_startup_trials=1",
+                  "hydra.sweeper.pruner.n_warmup_steps=1")
     assert res.returncode == 0, res.stderr[-3000:]
     trials = study(workdir).trials
     pruned = [t for t in trials if t.state.name == "PRUNED"]

@@ -15,7 +15,8 @@ def test_awkward_values_keys_and_metric_counts_are_recorded(tmp_path: Path) -> N
     experiment_id = prepare_store(uri, "edge", str(tmp_path / "artifacts"))
     assert prepare_store(uri, "edge", str(tmp_path / "artifacts")) == experiment_id  # idempotent
     run = JobRun(client, client.create_run(experiment_id).info.run_id)
-    run.log_params({"long": "x" * 7000, "a key with <bad> chars?!": 1, **{f"p{i}": i for i in range(250)}})
+    run.log_params({"long": "x" * 7000, "a key with <bad> chars?!": 1, **{f"p{i}": i for i in range(249)},
+                    "tracking.uri": "postgresql+psycopg2://team:s3cret@db/mlflow"})
     run.set_tags({"long_tag": "y" * 9000})
     run.log_metrics({f"m/{i:04d}": float(i) for i in range(1500)}, step=1)
     client.set_terminated(run.run_id)
@@ -23,6 +24,7 @@ def test_awkward_values_keys_and_metric_counts_are_recorded(tmp_path: Path) -> N
     assert len(data.params["long"]) <= 6000 and data.params["long"].endswith("[shortened]")
     assert data.params["a key with _bad_ chars__"] == "1"
     assert len(data.params) == 252 and len(data.metrics) == 1500 and data.metrics["m/1499"] == 1499.0
+    assert data.params["tracking.uri"] == "postgresql+psycopg2://team:***@db/mlflow"  # no password in records
     assert len(data.tags["long_tag"]) <= 8000
 
 
