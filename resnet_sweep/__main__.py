@@ -41,11 +41,11 @@ def main(cfg: DictConfig) -> float:
              if sweeping and conf.sweep.trial is not None else None)
     values, run_ids = [], []
     for repeat in range(conf.sweep.seeds):  # seed repeats: never a search dimension, averaged here
-        value, run_id = train_and_record(cfg, conf, conf.seed + repeat, trial, sweeping, reports=repeat == 0)
+        value, run_id, stopped = train_and_record(cfg, conf, conf.seed + repeat, trial, sweeping, reports=repeat == 0)
         values.append(value)
         run_ids.append(run_id)
-        if not math.isfinite(value):
-            break  # a diverged seed fails the trial; the rest would not change that
+        if stopped:
+            break  # a diverged or pruned first seed decides the trial; more seeds would not change that
     objective = statistics.fmean(values)
     if conf.sweep.seeds > 1:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -56,8 +56,9 @@ def main(cfg: DictConfig) -> float:
 
 
 def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None, sweeping: bool,
-                     reports: bool = True) -> tuple[float, str | None]:
-    """One training of the configured net with `seed`, recorded as one MLflow run: (objective, run id).
+                     reports: bool = True) -> tuple[float, str | None, bool]:
+    """One training of the configured net with `seed`, recorded as one MLflow run:
+    (objective, run id, whether it stopped early: diverged in a sweep, or pruned).
 
     With `reports`, this training is the one whose epochs go to the trial (pruning) and whose run the
     trial points to; further seed repeats only carry the trial's tags.
@@ -119,7 +120,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
                 if run is not None:
                     run.set_tags({"pruned_at_epoch": pruned.epoch})
                 trial.set(pruned_at_epoch=pruned.epoch)
-                return pruned.value, run_id
+                return pruned.value, run_id, True
             if run is not None:
                 run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
                 if best is not None:
@@ -130,8 +131,8 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
         log.error("trial diverged: %s; recorded as FAILED, the sweep goes on", exc)
         if trial is not None:
             trial.set(fail_reason=f"NonFiniteLoss: {exc}")
-        return math.nan, run_id  # the sweeper tells a NaN trial FAIL instead of aborting the sweep
-    return metrics[objective], run_id
+        return math.nan, run_id, True  # the sweeper tells a NaN trial FAIL instead of aborting the sweep
+    return metrics[objective], run_id, False
 
 
 if __name__ == "__main__":

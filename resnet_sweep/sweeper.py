@@ -124,8 +124,8 @@ class _Impl(OptunaSweeperImpl):
         parent = tracking.StudyRun(self.config, study, self.sampler, self.pruner, space)
         self._fail_stale(study, parent)
         self.job_idx = len(study.trials)  # job numbers continue across reruns: job number = trial number
-        log.info("Study %s in %s: %d trials finished of n_trials=%d", study.study_name, self.storage,
-                 _count(study, FINISHED), self.n_trials)
+        log.info("Study %s in %s: %d trials finished of n_trials=%d", study.study_name,
+                 tracking.safe_url(str(self.storage)), _count(study, FINISHED), self.n_trials)
         try:
             while (to_go := self.n_trials - _count(study, (*FINISHED, TrialState.RUNNING))) > 0:
                 trials = [study.ask() for _ in range(min(self.n_jobs, to_go))]

@@ -82,9 +82,10 @@ class StudyRun:
             self.client.update_run(run_id, status="RUNNING")
             log.info("MLflow study run %s reopened (rerun of study '%s')", run_id, study.study_name)
         else:
-            run = self.client.create_run(experiment_id, run_name=f"study {study.study_name}", tags={
-                "role": "sweep", "optuna.study": study.study_name, "optuna.storage": str(config.hydra.sweeper.storage),
-                "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(HydraConfig.get().overrides.task)})
+            tags = {"role": "sweep", "optuna.study": study.study_name, "optuna.storage": config.hydra.sweeper.storage,
+                    "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(HydraConfig.get().overrides.task)}
+            run = self.client.create_run(experiment_id, run_name=f"study {study.study_name}",
+                                         tags={k: safe_url(str(v)) for k, v in tags.items()})
             run_id = run.info.run_id
             study.set_user_attr("mlflow_parent_run_id", run_id)
             JobRun(self.client, run_id).log_params({
@@ -135,7 +136,7 @@ class StudyRun:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """Text with the passwords of any URLs in it (scheme://user:password@host) masked, fit for a record."""
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
@@ -198,12 +199,12 @@ class JobRun:
         self.client, self.run_id = client, run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(clean_key(k), shorten(_safe_url(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+        items = [Param(clean_key(k), shorten(safe_url(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [RunTag(clean_key(k), shorten(_safe_url(str(v)), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        items = [RunTag(clean_key(k), shorten(safe_url(str(v)), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
 
@@ -244,14 +245,14 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     parent = os.environ.get(PARENT_ENV)
     if parent and HydraConfig.get().mode.name == "MULTIRUN":
         tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
-    tags = {k: str(v) for k, v in tags.items()}
+    tags = {k: safe_url(str(v)) for k, v in tags.items()}
     run = client.create_run(experiment_id, run_name=job_dir.name if parent else None, tags=tags)
     job = JobRun(client, run.info.run_id)
     log.info("MLflow run %s in experiment '%s' at %s", run.info.run_id, t.experiment, t.uri)
     try:
         job.log_params(flatten(container))
         config_file = job_dir / "config_resolved.yaml"
-        config_file.write_text(_safe_url(OmegaConf.to_yaml(container)))
+        config_file.write_text(safe_url(OmegaConf.to_yaml(container)))
         job.log_artifact(config_file)
         yield job
     except BaseException as exc:
