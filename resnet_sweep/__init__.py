@@ -1,0 +1,2 @@
+"""resnet_sweep: reproduce and extend He et al. 2015 and the seed article with Hydra configs, Optuna sweeps
+and MLflow records. Entry points: `python -m resnet_sweep`, `.summary`, `.report`, `.bench`."""
