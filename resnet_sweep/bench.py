@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{source} 1x28x28 data, {trainer.precision.name}, channels_last={trainer.channels_last}")
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"| loop | samples/s (median) | min | max |\n| --- | --- | --- | --- |")
+    print("| loop | samples/s (median) | min | max |\n| --- | --- | --- | --- |")
     med = {}
     for name, values in results.items():
         med[name] = statistics.median(values)
