@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 
@@ -192,6 +193,7 @@ def gradient_profiles(trials: list[Trial], out: Path, title: str) -> list[Path]:
                                       marker="o" if key[2] == "True" else None, markersize=3, linewidth=1.6)
                     handles.setdefault(_label(t.params), line)
                 ax.set_yscale("log")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
                 ax.grid(alpha=0.3, which="major")
                 norm_name = "BatchNorm" if norm == "batch" else "no BatchNorm"
                 ax.set_title(f"{activation}, {norm_name}\n{when}", fontsize=10)
