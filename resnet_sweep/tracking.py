@@ -84,8 +84,7 @@ class StudyRun:
         else:
             tags = {"role": "sweep", "optuna.study": study.study_name, "optuna.storage": config.hydra.sweeper.storage,
                     "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(HydraConfig.get().overrides.task)}
-            run = self.client.create_run(experiment_id, run_name=f"study {study.study_name}",
-                                         tags={k: safe_url(str(v)) for k, v in tags.items()})
+            run = self.client.create_run(experiment_id, run_name=f"study {study.study_name}", tags=record_tags(tags))
             run_id = run.info.run_id
             study.set_user_attr("mlflow_parent_run_id", run_id)
             JobRun(self.client, run_id).log_params({
@@ -106,11 +105,16 @@ class StudyRun:
             return False
 
     def kill_trial_run(self, run_id: str | None, reason: str) -> None:
-        """Mark a trial's run KILLED, with `reason`, unless it already ended."""
-        if self.client is not None and run_id and self._exists(run_id):
-            if self.client.get_run(run_id).info.status == "RUNNING":
-                JobRun(self.client, run_id).set_tags({"failure_reason": reason})
-                self.client.set_terminated(run_id, "KILLED")
+        """Mark a trial's run KILLED, with `reason`, unless it already ended (or never started)."""
+        if self.client is None or not run_id:
+            return
+        try:
+            status = self.client.get_run(run_id).info.status
+        except MlflowException:
+            return
+        if status == "RUNNING":
+            JobRun(self.client, run_id).set_tags({"failure_reason": reason})
+            self.client.set_terminated(run_id, "KILLED")
 
     def finish(self, results: dict[str, Any] | None, config: DictConfig, results_file: str | None = None,
                failed: str | None = None) -> None:
@@ -134,6 +138,11 @@ class StudyRun:
 
             report.write_report(config.tracking.uri, sweep_run_id=self.run_id)
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def record_tags(tags: dict[str, Any]) -> dict[str, str]:
+    """Tags as MLflow takes them: keys it accepts, values within its limit, no URL passwords."""
+    return {clean_key(k): shorten(safe_url(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
 
 
 def safe_url(url: str) -> str:
@@ -204,7 +213,7 @@ class JobRun:
             self.client.log_batch(self.run_id, params=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [RunTag(clean_key(k), shorten(safe_url(str(v)), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+        items = [RunTag(k, v) for k, v in record_tags(tags).items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
 
@@ -245,8 +254,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     parent = os.environ.get(PARENT_ENV)
     if parent and HydraConfig.get().mode.name == "MULTIRUN":
         tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
-    tags = {k: safe_url(str(v)) for k, v in tags.items()}
-    run = client.create_run(experiment_id, run_name=job_dir.name if parent else None, tags=tags)
+    run = client.create_run(experiment_id, run_name=job_dir.name if parent else None, tags=record_tags(tags))
     job = JobRun(client, run.info.run_id)
     log.info("MLflow run %s in experiment '%s' at %s", run.info.run_id, t.experiment, t.uri)
     try:
