@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import statistics
 from pathlib import Path
 
@@ -22,10 +24,13 @@ from resnet_sweep.config import Config, validate
 from resnet_sweep.data import probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.models import build_model, count_parameters
-from resnet_sweep.sweeper import JobTrial, Pruned, install_sigterm_handler
+from resnet_sweep.trials import JobTrial, Pruned, install_sigterm_handler, job_in_progress
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 
 log = logging.getLogger("resnet_sweep")
+# A fault for tests only, off unless this variable is set: a job training with this seed SIGKILLs its own
+# process after its first epoch, as the kernel's out-of-memory killer would (tests/test_sweeps.py).
+FAULT_SIGKILL_SEED = "RESNET_SWEEP_TEST_SIGKILL_SEED"
 
 
 @hydra.main(config_path="../conf", config_name="config")
@@ -36,9 +41,28 @@ def main(cfg: DictConfig) -> float:
     install_sigterm_handler()  # SIGTERM ends the run KILLED (and its trial FAIL) instead of vanishing
     if conf.trainer.threads:
         torch.set_num_threads(conf.trainer.threads)
-    # the storage comes from the sweeper's own config, not an override, so its password stays out of records
-    trial = (JobTrial(conf.sweep.study, str(hc.sweeper.storage), conf.sweep.trial, hc.sweeper.get("pruner"))
-             if sweeping and conf.sweep.trial is not None else None)
+    # a job in a sweep's worker process ends with the sweep, and then ends the dead sweep's parent run too
+    with job_in_progress(lambda why: tracking.end_study_run(cfg, "KILLED", why) if sweeping else None):
+        # the storage comes from the sweeper's own config, not an override, so its password stays out of records
+        trial = (JobTrial(conf.sweep.study, str(hc.sweeper.storage), conf.sweep.trial, hc.sweeper.get("pruner"),
+                          hc.sweeper.get("heartbeat_interval", 5), hc.sweeper.get("grace_period", 20))
+                 if sweeping and conf.sweep.trial is not None else None)
+        try:
+            objective = train_seeds(cfg, conf, trial, sweeping)
+            if trial is not None:
+                trial.finish(objective)  # the job tells its own result: it survives whatever befalls the sweeper
+        except BaseException as exc:
+            if trial is not None:
+                trial.fail(exc)  # its own failure, or an interruption (Ctrl-C, SIGTERM): then it is retried
+            raise
+        finally:
+            if trial is not None:
+                trial.close()
+    return objective
+
+
+def train_seeds(cfg: DictConfig, conf: Config, trial: JobTrial | None, sweeping: bool) -> float:
+    """The configured training over the sweep's seed repeats; returns the objective (their mean)."""
     values, run_ids = [], []
     for repeat in range(conf.sweep.seeds):  # seed repeats: never a search dimension, averaged here
         value, run_id, stopped = train_and_record(cfg, conf, conf.seed + repeat, trial, sweeping, reports=repeat == 0)
@@ -104,6 +128,8 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
             def on_epoch(metrics: dict[str, float], epoch: int) -> None:
                 if run is not None:
                     run.log_metrics(metrics, epoch)
+                if os.environ.get(FAULT_SIGKILL_SEED) == str(seed):
+                    os.kill(os.getpid(), signal.SIGKILL)
                 # after the last epoch there is nothing left to save: the trial completes
                 if (trial is not None and reports and objective in metrics
                         and trial.should_prune(metrics[objective], epoch) and epoch < conf.trainer.epochs):
@@ -115,7 +141,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
                               monitor=conf.scheduler.monitor.name, best_checkpoint=best, gradients=gradients,
                               on_epoch=on_epoch)
             except Pruned as pruned:
-                # the run ends normally, tagged with where it stopped; the sweeper tells the trial PRUNED
+                # the run ends normally, tagged with where it stopped; the trial is told PRUNED
                 log.info("trial %d pruned after epoch %d (%s %.4g)", trial.number, pruned.epoch, objective, pruned.value)
                 if run is not None:
                     run.set_tags({"pruned_at_epoch": pruned.epoch})
@@ -131,7 +157,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
         log.error("trial diverged: %s; recorded as FAILED, the sweep goes on", exc)
         if trial is not None:
             trial.set(fail_reason=f"NonFiniteLoss: {exc}")
-        return math.nan, run_id, True  # the sweeper tells a NaN trial FAIL instead of aborting the sweep
+        return math.nan, run_id, True  # a NaN objective is told FAIL, and the sweep goes on
     return metrics[objective], run_id, False
 
 

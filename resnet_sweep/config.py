@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf, ValidationError
+from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
 
 from resnet_sweep.models import ACTIVATIONS, ARTICLE_DEPTH, IMAGENET_DEPTHS, cifar_depths
 
@@ -213,7 +213,10 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
 
 
 def short_hash(value: Any) -> str:
-    """8 hex digits naming a value, e.g. a sweep's command-line overrides (${short_hash:...} in YAML)."""
+    """8 hex digits naming a value, e.g. a sweep's command-line overrides (${short_hash:...} in YAML).
+    A list is hashed as a set: the same overrides in another order name the same study."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        value = sorted(str(v) for v in value)
     return hashlib.sha1(str(value).encode()).hexdigest()[:8]
 
 

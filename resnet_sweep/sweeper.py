@@ -1,15 +1,18 @@
-"""The official Hydra Optuna sweeper, extended for long sweeps: resume, pruning, failures as data.
+"""The official Hydra Optuna sweeper, extended for long sweeps: resume, pruning, failures as data, and
+exact bookkeeping across any number of sweep processes.
 
 Why a subclass and not the plugin as is: hydra-optuna-sweeper 1.4.0rc3 asks and tells trials in the
 sweeping process, so (1) a job never sees its trial and cannot report epochs for pruning, (2) a rerun adds
 n_trials more instead of finishing the study, (3) trials of a killed sweep stay RUNNING forever (Optuna's
-heartbeat only runs inside study.optimize), (4) a NaN return or a raising job can abort the sweep. This
-keeps the official search-space parsing, samplers, config schema and launcher hand-off, and replaces only
+heartbeat only runs inside study.optimize), (4) a NaN return or a raising job can abort the sweep, and
+(5) a seeded sampler proposes the same points in every process that opens the study. This keeps the
+official search-space parsing, samplers, config schema and launcher hand-off, and replaces only
 `sweep()`; choose it with `hydra/sweeper=resnet_optuna` (the default in conf/config.yaml).
 
-How job, trial and run find each other: the sweeper passes `sweep.study`, `sweep.trial` and
-`sweep.storage` to each job as config values; the job stores its MLflow run id in the trial's user attrs
-(`mlflow_run_id`) and tags the run with the study, trial number and job folder.
+How job, trial and run find each other: the sweeper passes `sweep.study` and `sweep.trial` to each job
+as config values and names its folder after the trial number; the job stores its MLflow run id in the
+trial's user attrs (`mlflow_run_id`), tags the run with the study, trial number and job folder, and tells
+the trial its result (resnet_sweep/trials.py).
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import signal
-import threading
-import warnings
-from contextlib import contextmanager
+import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Optional
 
+import numpy as np
 import optuna
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, JobStatus
@@ -34,28 +37,17 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import DictConfig, OmegaConf
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from resnet_sweep import tracking
+from resnet_sweep import locks, tracking, trials
+from resnet_sweep.trials import Terminated, counted, install_sigterm_handler
 
 log = logging.getLogger(__name__)
-# Optuna marks storage heartbeats experimental and meant for study.optimize; we beat ourselves (_heartbeat).
-warnings.filterwarnings("ignore", message=r".*heartbeat", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed to be used with Study.optimize")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-class Terminated(BaseException):
-    """SIGTERM (SLURM's preemption notice) as an exception, so runs and trials are closed on the way out."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(f"terminated by signal {signum}")
-
-
-def install_sigterm_handler() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
+# Launchers whose jobs run in worker processes on this machine, children of the sweeping process: those
+# jobs end with the sweep (trials.job_in_progress). SLURM jobs do not: they report to the study themselves.
+LOCAL_WORKERS = ("JoblibLauncher", "LocalLauncher")
+WORKER_DIED = ("TerminatedWorkerError", "BrokenProcessPool")  # what joblib's loky raises when a worker dies
 
 
 @dataclass
@@ -64,9 +56,12 @@ class ResnetOptunaSweeperConf(OptunaSweeperConf):
     # An optuna.pruners class as an instantiate config; conf/pruner/ holds none, median, ... presets.
     pruner: Optional[Any] = None
     # RDB storages get Optuna's heartbeat: a RUNNING trial silent for grace_period seconds belonged to a
-    # sweep that died, and is marked FAIL (its MLflow run KILLED) by the next sweep of the study.
+    # process that died; the next sweep of the study marks it interrupted and runs its parameters again.
     heartbeat_interval: int = 5
     grace_period: int = 20
+    # Stop the sweep once more than this share of its counted trials failed (1.0: never; interruptions
+    # are not failures). The official sweeper's 0.0 would end a sweep at its first diverged trial.
+    max_failure_rate: float = 1.0
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="resnet_optuna", node=ResnetOptunaSweeperConf,
@@ -77,10 +72,9 @@ class ResnetOptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None, n_trials: int,
                  n_jobs: int, max_failure_rate: float, custom_search_space: str | None, params: DictConfig | None,
                  pruner: Any = None, heartbeat_interval: int = 5, grace_period: int = 20) -> None:
-        sampler = instantiate(sampler, _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*",
-                                                              "optuna.samplers.*"))
-        self.impl = _Impl(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
-                          custom_search_space, params)
+        self.impl = _Impl(instantiate(sampler, _execution_whitelist_=SAMPLERS), direction, storage, study_name,
+                          n_trials, n_jobs, max_failure_rate, custom_search_space, params)
+        self.impl.sampler_config = sampler
         self.impl.pruner = (instantiate(pruner, _execution_whitelist_=("optuna.pruners.*",)) if pruner
                             else optuna.pruners.NopPruner())
         self.impl.heartbeat_interval, self.impl.grace_period = heartbeat_interval, grace_period
@@ -92,99 +86,219 @@ class ResnetOptunaSweeper(Sweeper):
         return self.impl.sweep(arguments)
 
 
+class SeedPerTrial(optuna.samplers.BaseSampler):
+    """A sampler reseeded from (seed, trial number) before each trial.
+
+    Why: a sampler seeded once replays the same proposals in every process that opens the study (a
+    rerun, a second sweep of a team's study, another machine), so their trials duplicate each other.
+    Trial numbers are unique in a study, so each process gets its own proposals, while one
+    uninterrupted seeded sweep stays reproducible. Samplers keep their state in the study, not in the
+    object, so a fresh one per trial loses nothing.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._make, self._seed = make, seed
+        self.sampler = make(seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.sampler = self._make(int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]))
+        self.sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+        return self.sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
+        return self.sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, name: str, distribution: Any) -> Any:
+        return self.sampler.sample_independent(study, trial, name, distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Any) -> None:
+        self.sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.sampler.reseed_rng()
+
+
 class _Impl(OptunaSweeperImpl):
     pruner: optuna.pruners.BasePruner
+    sampler_config: Any
     heartbeat_interval: int
     grace_period: int
 
-    def _storage(self) -> Any:
-        if isinstance(self.storage, str) and not self.storage.startswith("journal"):
-            # RDB: SQLite (with a busy timeout, for parallel workers) or PostgreSQL, with the heartbeat
-            kwargs = {"connect_args": {"timeout": 60}} if self.storage.startswith("sqlite") else {}
-            return optuna.storages.RDBStorage(self.storage, engine_kwargs=kwargs,
-                                              heartbeat_interval=self.heartbeat_interval,
-                                              grace_period=self.grace_period)
-        return self.storage
+    def _sampler_settings(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self.sampler_config, resolve=True) if self.sampler_config else {}
+
+    def _make_sampler(self, space: dict[str, Any]) -> optuna.samplers.BaseSampler:
+        cfg = self._sampler_settings()
+        if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
+            # One grid sampler as configured, never reseeded: its seed shuffles the grid, so every process
+            # must share it to agree on which cell a grid_id is. Asking under a lock (see _launch) gives
+            # each cell to one trial.
+            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
+            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+            return self.sampler(grid)
+        if cfg.get("seed") is None:
+            return self.sampler
+        return SeedPerTrial(lambda s: instantiate({**cfg, "seed": s}, _execution_whitelist_=SAMPLERS), cfg["seed"])
 
     def sweep(self, arguments: list[str]) -> None:
         install_sigterm_handler()
         self._process_searchspace_config()
         space, fixed, fixed_overrides = create_params_from_overrides(self._parse_sweeper_params_config()
                                                                      + list(arguments))
-        if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
-            self.sampler = self.sampler(grid)
-            self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
+        sampler = self._make_sampler(space)
         for name in fixed:
             space.pop(name, None)
-        directions = self._get_directions()
-        storage = self._storage()
-        study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=self.sampler,
-                                    pruner=self.pruner, directions=directions, load_if_exists=True)
-        parent = tracking.StudyRun(self.config, study, self.sampler, self.pruner, space)
-        self._fail_stale(study, parent)
-        self.job_idx = len(study.trials)  # job numbers continue across reruns: job number = trial number
+        self.parent: tracking.StudyRun | None = None
+        # one process at a time creates the schema, the study and its MLflow parent run
+        with locks.store_lock(str(self.storage)):
+            storage = trials.open_storage(self.storage, self.heartbeat_interval, self.grace_period, self._stale)
+            study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
+                                        pruner=self.pruner, directions=self._get_directions(), load_if_exists=True)
+            self.parent = parent = tracking.StudyRun(self.config, study, self._sampler_settings(), self.pruner, space)
         log.info("Study %s in %s: %d trials finished of n_trials=%d", study.study_name,
-                 tracking.safe_url(str(self.storage)), _count(study, FINISHED), self.n_trials)
+                 tracking.safe_url(str(self.storage)), len(counted(study.trials)), self.n_trials)
+        if type(self.launcher).__name__ in LOCAL_WORKERS:
+            os.environ[trials.SWEEPER_PID_ENV] = str(os.getpid())
         try:
-            while (to_go := self.n_trials - _count(study, (*FINISHED, TrialState.RUNNING))) > 0:
-                trials = [study.ask() for _ in range(min(self.n_jobs, to_go))]
-                overrides = [(*o, f"sweep.study={study.study_name}", f"sweep.trial={t.number}")
-                             for o, t in zip(self._configure_trials(trials, space, fixed, fixed_overrides), trials)]
-                with _heartbeat(storage, trials, self.heartbeat_interval):
-                    try:
-                        returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-                    except BaseException as exc:  # SIGTERM, Ctrl-C: close what was in flight, then go
-                        for t in trials:
-                            _close(study, t, TrialState.FAIL, f"sweep interrupted: {type(exc).__name__}: {exc}")
-                            parent.kill_trial_run(_attrs(study, t).get("mlflow_run_id"), f"{type(exc).__name__}: {exc}")
-                        raise
-                self.job_idx += len(returns)
-                for trial, ret in zip(trials, returns):
-                    self._tell(study, trial, ret)
-        finally:
-            self._fail_stale(study, parent)
-        self._finish(study, parent)
+            self._run(study, storage, space, fixed, fixed_overrides)
+            self._finish(study, parent)
+        except SystemExit:
+            raise  # the failure summary has ended the parent run
+        except (KeyboardInterrupt, Terminated) as exc:
+            parent.end("KILLED", f"interrupted: {type(exc).__name__}: {exc}")
+            log.error("Sweep interrupted (%s: %s). Trials in flight are marked interrupted; run the same command "
+                      "again to finish study '%s'.", type(exc).__name__, exc, study.study_name)
+            raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 143) from None  # 128 + SIGINT/SIGTERM
+        except BaseException as exc:
+            parent.end("FAILED", f"{type(exc).__name__}: {exc}")
+            raise
 
-    def _tell(self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn) -> None:
-        attrs = _attrs(study, trial)  # what the job wrote
+    def _run(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
+             fixed_overrides: list[str]) -> None:
+        """Launch trials until the study holds n_trials counted ones; wait while other processes' trials
+        run (they may finish the study, or die and be retried here)."""
+        waiting_since = None
+        while True:
+            optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
+            all_trials = study.get_trials(deepcopy=False)
+            done = counted(all_trials)
+            if len(done) >= self.n_trials:
+                return
+            self._check_failure_rate(study, done)
+            running = [t for t in all_trials if t.state == TrialState.RUNNING]
+            slots = min(self.n_jobs, self.n_trials - len(done) - len(running))
+            if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs for t in all_trials):
+                slots = min(slots, 1)  # a trial whose worker died beside another's runs alone: see _worker_died
+            if slots <= 0:
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.info("waiting for %d trials that other processes run (%s)", len(running),
+                             ", ".join(str(t.number) for t in running))
+                time.sleep(self.heartbeat_interval)
+                continue
+            waiting_since = None
+            self._launch(study, storage, space, fixed, fixed_overrides, slots)
+
+    def _launch(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
+                fixed_overrides: list[str], slots: int) -> None:
+        with locks.store_lock(str(self.storage)):  # GridSampler: a cell goes to one trial, whoever asks
+            batch = [study.ask() for _ in range(slots)]
+            for t in batch:  # beat at once: a trial asked by a process that dies before its job starts goes stale
+                if isinstance(storage, optuna.storages.RDBStorage):
+                    storage.record_heartbeat(t._trial_id)  # noqa: SLF001 (Trial exposes no public id)
+        overrides = [(*o, _override("sweep.study", study.study_name), f"sweep.trial={t.number}",
+                      f"hydra.sweep.subdir={t.number}")  # job folder = trial number: unique across processes
+                     for o, t in zip(self._configure_trials(batch, space, fixed, fixed_overrides), batch)]
+        stop_beat = trials.beat(storage, lambda: [t._trial_id for t in batch], self.heartbeat_interval)  # noqa: SLF001
+        try:
+            returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
+        except BaseException as exc:
+            if type(exc).__name__ in WORKER_DIED:
+                self._worker_died(study, batch, exc)
+                return
+            for t in batch:  # SIGTERM, Ctrl-C, a launcher error: close what was in flight, then go
+                self._interrupt(study, t.number, f"interrupted: sweep stopped by {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            stop_beat()
+        for trial, ret in zip(batch, returns):
+            self._settle(study, trial.number, ret)
+
+    def _settle(self, study: optuna.Study, number: int, ret: JobReturn) -> None:
+        """A job's trial that its job left RUNNING (it failed before it could tell, or tells no result)."""
+        if trials.find(study, number).state != TrialState.RUNNING:
+            return  # the job told its result
         if ret.status == JobStatus.FAILED:
             error = ret._return_value  # the job's exception (hydra keeps it there)
-            _close(study, trial, TrialState.FAIL, attrs.get("fail_reason") or f"{type(error).__name__}: {error}")
+            trials.end(study, number, TrialState.FAIL, reason=f"{type(error).__name__}: {error}")
             return
         value = ret.return_value
-        if "pruned_at_epoch" in attrs:
-            _close(study, trial, TrialState.PRUNED, None)
-        elif value is None or not math.isfinite(float(value)):
-            # never tell a NaN or an infinity as a value: it would be a trial's result, and inf the best one
-            _close(study, trial, TrialState.FAIL, attrs.get("fail_reason") or f"objective was {value}")
+        if value is None or not math.isfinite(float(value)):
+            trials.end(study, number, TrialState.FAIL, reason=f"objective was {value}")
         else:
-            _tell(study, trial, TrialState.COMPLETE, [float(value)])
+            trials.end(study, number, TrialState.COMPLETE, [float(value)])
 
-    def _fail_stale(self, study: optuna.Study, parent: tracking.StudyRun) -> None:
-        """Trials left RUNNING by a sweep that died: FAIL in Optuna, KILLED in MLflow (with the reason as
-        its failure_reason tag: Optuna allows no user attr on a finished trial)."""
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
-        for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-            if t.number in before:
-                parent.kill_trial_run(t.user_attrs.get("mlflow_run_id"),
-                                      f"stale: its sweep sent no heartbeat for {self.grace_period} s (killed?)")
-                log.warning("trial %d was left RUNNING by a stopped sweep: marked FAIL", t.number)
+    def _worker_died(self, study: optuna.Study, batch: list[optuna.Trial], exc: BaseException) -> None:
+        """The launcher raised: a worker process died (killed by the kernel: out of memory?). loky then
+        SIGKILLs every other worker of its pool, so with several trials in flight the victim is unknown:
+        those trials are retried, each alone (see _run), and a trial whose worker dies alone has failed."""
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        left = [t.number for t in batch if trials.find(study, t.number).state == TrialState.RUNNING]
+        for number in left:
+            if len(left) == 1:
+                trials.end(study, number, TrialState.FAIL, reason=f"its worker process died ({error})")
+                self._kill_run(study, number, f"its worker process died ({error})", status="FAILED")
+            else:
+                self._interrupt(study, number, f"interrupted: a worker process died beside it ({error})",
+                                **{trials.WORKER_DEATHS: True})
+        log.error("A worker process died (%s); the sweep goes on with fresh workers", error)
+
+    def _interrupt(self, study: optuna.Study, number: int, reason: str, **retry_attrs: Any) -> None:
+        if trials.end(study, number, TrialState.FAIL, reason=reason, interrupted=True, **retry_attrs):
+            log.warning("trial %d %s; its parameters will run again", number, reason)
+        self._kill_run(study, number, reason)
+
+    def _kill_run(self, study: optuna.Study, number: int, reason: str, status: str = "KILLED") -> None:
+        if self.parent is not None:
+            self.parent.end_trial_run(trials.find(study, number).user_attrs.get("mlflow_run_id"), reason, status)
+
+    def _stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's fail_stale_trials failed this RUNNING trial (no heartbeat for grace_period s): it was
+        interrupted (its process died); queue its parameters again, end its MLflow run KILLED."""
+        reason = f"interrupted: no heartbeat for {self.grace_period} s (its process died)"
+        trials.retry(study, trial, reason)
+        if self.parent is not None:
+            self.parent.end_trial_run(trial.user_attrs.get("mlflow_run_id"), reason)
+        log.warning("trial %d was left RUNNING by a process that died: its parameters will run again", trial.number)
+
+    def _check_failure_rate(self, study: optuna.Study, done: list[FrozenTrial]) -> None:
+        failed = [t for t in done if t.state == TrialState.FAIL]
+        if done and len(failed) / len(done) > self.max_failure_rate:
+            self._fail(study, f"{len(failed)} of its {len(done)} finished trials failed, more than "
+                              f"hydra.sweeper.max_failure_rate={self.max_failure_rate}")
+
+    def _fail(self, study: optuna.Study, why: str) -> None:
+        """End the sweep with a one-paragraph summary and exit code 1."""
+        reasons = sorted({str(t.user_attrs.get("fail_reason", "?")) for t in counted(study.trials)
+                          if t.state == TrialState.FAIL})
+        summary = (f"Sweep failed: {why} (study '{study.study_name}'). Reasons: {'; '.join(reasons)[:2000]}. "
+                   f"Each trial's MLflow run holds its failure_reason tag. Rerunning the same command adds "
+                   f"no trials to this study: once the cause is fixed, start a new study, e.g. by adding "
+                   f"hydra.sweeper.study_name={study.study_name}-2 to the command.")
+        assert self.parent is not None
+        self.parent.finish(None, self.config, failed=summary)
+        log.error(summary)
+        raise SystemExit(1)
 
     def _finish(self, study: optuna.Study, parent: tracking.StudyRun) -> None:
-        counts = {s.name: _count(study, (s,)) for s in FINISHED}
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if not complete:
-            reasons = sorted({str(t.user_attrs.get("fail_reason", "?")) for t in study.trials
-                              if t.state == TrialState.FAIL})
-            summary = (f"Sweep failed: none of the {len(study.trials)} trials of study '{study.study_name}' completed "
-                       f"({counts['FAIL']} failed, {counts['PRUNED']} pruned). Reasons: {'; '.join(reasons)[:2000]}. "
-                       f"Each trial's MLflow run holds its failure_reason tag; fix the cause and rerun the same "
-                       f"command: the study keeps these trials and adds new ones up to n_trials.")
-            parent.finish(None, self.config, failed=summary)
-            log.error(summary)
-            raise SystemExit(1)
+        done = counted(study.trials)
+        counts = {s.name: sum(t.state == s for t in done) for s in trials.FINISHED}
+        counts["INTERRUPTED"] = len(trials.retried(study.trials))
+        if not any(t.state == TrialState.COMPLETE for t in done):
+            self._fail(study, f"none of its {len(done)} trials completed ({counts['FAIL']} failed, "
+                              f"{counts['PRUNED']} pruned)")
         results: dict[str, Any]
         if len(self._get_directions()) == 1:
             best = study.best_trial
@@ -203,85 +317,9 @@ class _Impl(OptunaSweeperImpl):
         parent.finish(results, self.config, results_file=path)
 
 
-def _attrs(study: optuna.Study, trial: optuna.Trial) -> dict[str, Any]:
-    """The trial's user attrs as stored now (Trial.user_attrs is a cache from when it was asked)."""
-    return next(t.user_attrs for t in study.get_trials(deepcopy=False) if t.number == trial.number)
-
-
-def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
-
-
-def _close(study: optuna.Study, trial: optuna.Trial, state: TrialState, reason: str | None) -> None:
-    if reason:
-        trial.set_user_attr("fail_reason", reason[:5000])
-        log.warning("trial %d %s: %s", trial.number, state.name, reason)
-    _tell(study, trial, state, None)
-
-
-def _tell(study: optuna.Study, trial: optuna.Trial, state: TrialState, values: list[float] | None) -> None:
-    try:
-        study.tell(trial, state=state, values=values)
-    except RuntimeError as exc:
-        # GridSampler calls study.stop() once its grid is used up, which only works inside optimize();
-        # Optuna has stored the trial's state by then (in a finally), so the tell itself is done.
-        if "Study.stop" not in str(exc):
-            raise
-
-
-@contextmanager
-def _heartbeat(storage: Any, trials: list[optuna.Trial], interval: int) -> Iterator[None]:
-    """Beat for the trials in flight while their jobs run, so another sweep sees they are alive."""
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            for t in trials:
-                try:
-                    storage.record_heartbeat(t._trial_id)  # noqa: SLF001 (Trial exposes no public id)
-                except Exception:  # a missed beat is harmless; the next one comes in `interval`
-                    pass
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, daemon=True, name="optuna-heartbeat")
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
-class Pruned(Exception):
-    """Raised in a job when its trial's pruner says stop, after `epoch` with objective `value`."""
-
-    def __init__(self, epoch: int, value: float) -> None:
-        super().__init__(f"pruned after epoch {epoch}")
-        self.epoch, self.value = epoch, value
-
-
-class JobTrial:
-    """A job's handle on its own Optuna trial (the job runs apart from the sweeper, maybe in a worker
-    process): report each epoch's objective for pruning, leave run ids and failure reasons for the sweeper."""
-
-    def __init__(self, study: str, storage: str, number: int, pruner: Any = None) -> None:
-        pruner_obj = (instantiate(pruner, _execution_whitelist_=("optuna.pruners.*",)) if pruner
-                      else optuna.pruners.NopPruner())
-        if storage.startswith("sqlite"):
-            storage = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
-        self.study = optuna.load_study(study_name=study, storage=storage, pruner=pruner_obj)
-        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
-        self.trial = optuna.trial.Trial(self.study, frozen._trial_id)  # noqa: SLF001 (no public number->id)
-        self.number = number
-
-    def set(self, **attrs: Any) -> None:
-        for key, value in attrs.items():
-            self.trial.set_user_attr(key, value)
-
-    def should_prune(self, value: float, epoch: int) -> bool:
-        self.trial.report(value, epoch)
-        return self.trial.should_prune()
+def _override(key: str, value: str) -> str:
+    """`key='value'` quoted for Hydra's override grammar, so any study name (non-ASCII, `/`, `,`, quotes,
+    `${`) reaches the job as it is. In a quoted value, backslashes are escaped only before a quote or at
+    the end, and `\\${` keeps OmegaConf from reading an interpolation."""
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'").replace("${", "\\${")
+    return f"{key}='{escaped}'"

@@ -31,6 +31,8 @@ from mlflow.utils.validation import (
 )
 from omegaconf import DictConfig, OmegaConf
 
+from resnet_sweep.locks import store_lock
+
 log = logging.getLogger(__name__)
 
 VERSIONED = ("torch", "torchvision", "hydra-core", "hydra-optuna-sweeper", "optuna", "mlflow", "numpy",
@@ -42,21 +44,16 @@ _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
 def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
     """Create the tracking database and the experiment if missing; return the experiment id.
 
-    Run once in the sweeping process (see StudyRun) so parallel jobs never race to create and
-    migrate a fresh SQLite database.
+    Run once in the sweeping process (see StudyRun) before any job starts, and under a lock, so
+    processes never race to create and migrate a fresh database or the experiment.
     """
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    Path(artifact_location).mkdir(parents=True, exist_ok=True)
-    try:
-        return client.create_experiment(experiment, artifact_location=Path(artifact_location).resolve().as_uri())
-    except MlflowException:  # another process created it between our look and our create
+    with store_lock(uri, "mlflow"):  # MLflow creates and migrates a fresh database on first use: one process at a time
+        client = MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise
-        return found.experiment_id
+        if found is not None:
+            return found.experiment_id
+        Path(artifact_location).mkdir(parents=True, exist_ok=True)
+        return client.create_experiment(experiment, artifact_location=Path(artifact_location).resolve().as_uri())
 
 
 PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"  # how jobs, in this process or launcher workers, find the study's run
@@ -82,14 +79,19 @@ class StudyRun:
             self.client.update_run(run_id, status="RUNNING")
             log.info("MLflow study run %s reopened (rerun of study '%s')", run_id, study.study_name)
         else:
+            hc = HydraConfig.get()
             tags = {"role": "sweep", "optuna.study": study.study_name, "optuna.storage": config.hydra.sweeper.storage,
-                    "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(HydraConfig.get().overrides.task)}
+                    "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(hc.overrides.task),
+                    "command": " ".join(["python -m resnet_sweep -m", *hc.overrides.task,
+                                         *(o for o in hc.overrides.hydra if not o.startswith("hydra.mode="))])}
             run = self.client.create_run(experiment_id, run_name=f"study {study.study_name}", tags=record_tags(tags))
             run_id = run.info.run_id
             study.set_user_attr("mlflow_parent_run_id", run_id)
             JobRun(self.client, run_id).log_params({
                 **{f"search_space.{k}": repr(v) for k, v in space.items()},
-                "sampler": repr(sampler), "pruner": type(pruner).__name__,
+                "sampler": str(sampler.pop("_target_", "?")).rsplit(".", 1)[-1],
+                **{f"sampler.{k}": v for k, v in sampler.items() if not k.startswith("_")},
+                "pruner": type(pruner).__name__,
                 **{f"pruner.{k}": v for k, v in vars(pruner).items() if not k.startswith("__")},
                 "n_trials": config.hydra.sweeper.n_trials, "direction": str(config.hydra.sweeper.direction)})
             log.info("MLflow study run %s (parent of every trial's run)", run_id)
@@ -104,17 +106,18 @@ class StudyRun:
         except MlflowException:
             return False
 
-    def kill_trial_run(self, run_id: str | None, reason: str) -> None:
-        """Mark a trial's run KILLED, with `reason`, unless it already ended (or never started)."""
+    def end_trial_run(self, run_id: str | None, reason: str, status: str = "KILLED") -> None:
+        """End a trial's run `status` (KILLED: interrupted), with `reason`, unless it already ended (or never
+        started)."""
         if self.client is None or not run_id:
             return
         try:
-            status = self.client.get_run(run_id).info.status
+            now = self.client.get_run(run_id).info.status
         except MlflowException:
             return
-        if status == "RUNNING":
+        if now == "RUNNING":
             JobRun(self.client, run_id).set_tags({"failure_reason": reason})
-            self.client.set_terminated(run_id, "KILLED")
+            self.client.set_terminated(run_id, status)
 
     def finish(self, results: dict[str, Any] | None, config: DictConfig, results_file: str | None = None,
                failed: str | None = None) -> None:
@@ -138,6 +141,28 @@ class StudyRun:
 
             report.write_report(config.tracking.uri, sweep_run_id=self.run_id)
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+    def end(self, status: str, reason: str) -> None:
+        """The sweep stopped early (KILLED: interrupted; FAILED: an error): say so on the parent run, which
+        a rerun of the study reopens."""
+        os.environ.pop(PARENT_ENV, None)
+        if self.client is None:
+            return
+        try:
+            JobRun(self.client, self.run_id).set_tags({"failure_reason": reason})
+            self.client.set_terminated(self.run_id, status)
+        except Exception as exc:  # noqa: BLE001 (the store may be the cause; the original error matters more)
+            log.warning("could not mark MLflow study run %s %s: %s", self.run_id, status, exc)
+
+
+def end_study_run(cfg: DictConfig, status: str, reason: str) -> None:
+    """From a job: end its sweep's parent run (known through PARENT_ENV) `status`, if it still runs."""
+    run_id = os.environ.get(PARENT_ENV)
+    if run_id and cfg.tracking.enabled:
+        client = MlflowClient(cfg.tracking.uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            JobRun(client, run_id).set_tags({"failure_reason": reason})
+            client.set_terminated(run_id, status)
 
 
 def record_tags(tags: dict[str, Any]) -> dict[str, str]:

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -59,29 +58,26 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_two_sweep_processes_on_one_postgres_study_record_every_trial_once(postgres: str, tmp_path: Path) -> None:
-    args = ["-m", "workers=serial", "trainer.epochs=2", "data.train_subset=256", "hydra.sweeper.n_trials=6",
+def test_two_sweeps_of_one_postgres_study_started_together_record_every_trial_once(postgres: str,
+                                                                                     tmp_path: Path) -> None:
+    args = ["-m", "trainer.epochs=2", "data.train_subset=256", "hydra.sweeper.n_trials=6",
             "hydra.sweeper.study_name=shared", f"hydra.sweeper.storage={postgres}/optuna",
             f"tracking.uri={postgres}/mlflow"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    first = subprocess.Popen([sys.executable, "-m", "resnet_sweep", *args], cwd=tmp_path, env=env,
-                             stdout=logs[0].open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while "MLflow study run" not in logs[0].read_text():  # the store exists: a team's database is made once
-        assert first.poll() is None and time.monotonic() < deadline, logs[0].read_text()[-3000:]
-        time.sleep(0.2)
-    second = subprocess.Popen([sys.executable, "-m", "resnet_sweep", *args], cwd=tmp_path, env=env,
-                              stdout=logs[1].open("w"), stderr=subprocess.STDOUT)
-    assert first.wait(timeout=600) == 0, logs[0].read_text()[-3000:]
-    assert second.wait(timeout=600) == 0, logs[1].read_text()[-3000:]
+    # started at the same moment on fresh databases: both create the schema, the study and its parent run
+    procs = [subprocess.Popen([sys.executable, "-m", "resnet_sweep", *args], cwd=tmp_path, env=env,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs]
+    for proc, log in zip(procs, logs):
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     both = [log.read_text() for log in logs]
     assert all("sweep.trial=" in text for text in both)  # both processes ran trials of the study
 
     study = optuna.load_study(study_name="shared", storage=f"{postgres}/optuna")
     numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers)) >= 6
+    assert len(numbers) == len(set(numbers)) == 6
     assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # no duplicate parameter sets
     client = MlflowClient(f"{postgres}/mlflow")
     runs = client.search_runs([client.get_experiment_by_name("resnet_sweep").experiment_id])
     parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
@@ -90,3 +86,7 @@ def test_two_sweep_processes_on_one_postgres_study_record_every_trial_once(postg
     assert sorted(int(r.data.tags["optuna.trial"]) for r in trials) == sorted(numbers)  # each trial once
     assert sorted(r.info.run_id for r in trials) == sorted(t.user_attrs["mlflow_run_id"] for t in study.trials)
     assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parents[0].info.run_id}
+    for r in trials:  # each run's recorded overrides name its own trial
+        job_dir = Path(r.data.tags["hydra.job_dir"])
+        assert job_dir.name == r.data.tags["optuna.trial"]
+        assert f"sweep.trial={r.data.tags['optuna.trial']}" in (job_dir / ".hydra" / "overrides.yaml").read_text()

@@ -26,10 +26,54 @@ def study(workdir: Path) -> optuna.Study:
     return optuna.load_study(study_name=summary.study_name, storage=storage)
 
 
-def job_runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
+def all_runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    return [r for r in found if r.data.tags.get("role") != "sweep"]
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def job_runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
+    return [r for r in all_runs(workdir, experiment) if r.data.tags.get("role") != "sweep"]
+
+
+def parent_runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
+    return [r for r in all_runs(workdir, experiment) if r.data.tags.get("role") == "sweep"]
+
+
+def counted(trials) -> list:  # noqa: ANN001
+    """Trials that finished on their own: interrupted ones were retried and do not count."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and t.number not in retried]
+
+
+def param_sets(trials) -> list:  # noqa: ANN001
+    return [tuple(sorted(t.params.items())) for t in trials]
+
+
+def session_processes(proc: subprocess.Popen) -> list[int]:
+    """The sweep's process and everything it started (its own session: start() uses start_new_session)."""
+    out = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def wait_for_epochs(log: Path, marker: str, epochs: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the log shows `epochs` epoch lines after `marker`: mid-trial, mid-sweep."""
+    wait_for(log, marker, proc, timeout)
+    deadline = time.monotonic() + timeout
+    while log.read_text().split(marker, 1)[-1].count("epoch ") < epochs:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {epochs} epochs after '{marker}' in {timeout} s"
+        time.sleep(0.1)
 
 
 def states(trials) -> dict[str, int]:  # noqa: ANN001
@@ -66,49 +110,124 @@ def test_the_job_knows_its_trial_and_trial_run_and_folder_find_each_other(workdi
         job_dir = Path(run.data.tags["hydra.job_dir"])
         assert trial.user_attrs["job_dir"] == str(job_dir) and job_dir.name == str(trial.number)
         overrides = (job_dir / ".hydra" / "overrides.yaml").read_text()
-        assert f"sweep.trial={trial.number}" in overrides and f"sweep.study={s.study_name}" in overrides
+        assert f"sweep.trial={trial.number}" in overrides and f"sweep.study='{s.study_name}'" in overrides
     assert s.user_attrs["mlflow_parent_run_id"] == job_runs(workdir)[0].data.tags["mlflow.parentRunId"]
 
 
-def test_kill_9_mid_epoch_then_the_same_command_finishes_the_study(workdir: Path) -> None:
-    command = ("-m", "workers=serial", "hydra.sweeper.n_trials=3", "trainer.epochs=8", *FAST_HEARTBEAT)
+# The default launcher (joblib: 2 worker processes), 4 trials of 6 epochs: long enough to stop one mid-trial.
+STOPPABLE = ("-m", "hydra.sweeper.n_trials=4", "trainer.epochs=6", "data.train_subset=512", *FAST_HEARTBEAT)
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM", "Ctrl-C"])
+def test_a_stopped_sweep_leaves_nothing_behind_and_the_same_command_finishes_it_exactly(workdir: Path,
+                                                                                        how: str) -> None:
+    proc, log = start(workdir, *STOPPABLE)
+    wait_for_epochs(log, "sweep.trial=1", 2, proc)
+    started = session_processes(proc)
+    assert len(started) >= 3  # the sweep and its two workers at least
+    if how == "kill -9":
+        proc.kill()  # the sweeping process alone: its workers must notice
+    elif how == "SIGTERM":
+        proc.terminate()
+    else:
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends its foreground process group
+    code = proc.wait(timeout=60)
+    assert code == {"kill -9": -9, "SIGTERM": 143, "Ctrl-C": 130}[how], log.read_text()[-3000:]
+    deadline = time.monotonic() + 10
+    while alive(started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive(started) == [], f"{how}: processes alive 10 s after: {alive(started)}"
+    (parent,) = parent_runs(workdir)
+    assert parent.info.status == "KILLED"  # not left RUNNING by a process that ended
+    assert "Traceback" not in log.read_text()
+    interrupted = [t for t in study(workdir).trials if t.state.name == "FAIL"]
+    assert interrupted and all("interrupted" in t.user_attrs["fail_reason"] for t in interrupted)
+
+    res = run_cli(workdir, *STOPPABLE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = study(workdir).trials
+    assert [t.state.name for t in trials].count("RUNNING") == 0
+    done = counted(trials)
+    assert len(done) == 4 and {t.state.name for t in done} == {"COMPLETE"}
+    assert len(set(param_sets(done))) == 4  # distinct: the rerun proposed new points, retried the stopped ones
+    runs = job_runs(workdir)
+    assert [r.info.status for r in runs].count("RUNNING") == 0
+    assert {r.info.status for r in runs if r.data.tags.get("failure_reason")} <= {"KILLED"}
+    (parent,) = parent_runs(workdir)
+    assert parent.info.status == "FINISHED"
+    print(f"{how}: exit {code}, processes alive 10 s later 0 of {len(started)}, after the rerun: "
+          f"{len(done)} COMPLETE, {len(set(param_sets(done)))} distinct, {len(trials) - len(done)} interrupted")
+
+
+def test_a_grid_killed_mid_run_trains_every_cell_exactly_once_after_the_rerun(workdir: Path) -> None:
+    command = ("experiment=degradation", "-m", "trainer.epochs=3", "data.train_subset=256", "model.depth=choice(8,14)",
+               "seed=choice(0,1)", "report=false", *FAST_HEARTBEAT)
     proc, log = start(workdir, *command)
-    wait_for(log, "sweep.trial=1", proc)
-    deadline = time.monotonic() + 60  # the second trial's second epoch: mid-trial, mid-sweep
-    while log.read_text().split("sweep.trial=1", 1)[-1].count("epoch ") < 2:
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    wait_for_epochs(log, "sweep.trial=3", 1, proc)
+    proc.kill()
     proc.wait()
-    before = {t.number: t.state.name for t in study(workdir).trials}
-    assert before == {0: "COMPLETE", 1: "RUNNING"}
-    first_value = study(workdir).trials[0].value
-    time.sleep(4)  # longer than grace_period: the dead sweep's heartbeat is stale
+    time.sleep(5)
     res = run_cli(workdir, *command)
     assert res.returncode == 0, res.stderr[-3000:]
-    after = study(workdir).trials
-    assert states(after) == {"COMPLETE": 2, "FAIL": 1}  # exactly n_trials finished, none RUNNING
-    assert after[0].state.name == "COMPLETE" and after[0].value == first_value  # the completed trial was kept
-    assert after[1].state.name == "FAIL"
+    trials = optuna.load_study(study_name=study(workdir).study_name, storage=f"sqlite:///{workdir / 'optuna.db'}").trials
+    done = counted(trials)
+    cells = sorted((t.params["model.family"], t.params["model.depth"], t.params["seed"]) for t in done)
+    assert cells == sorted((f, d, s) for f in ("plain", "resnet") for d in (8, 14) for s in (0, 1))
+    assert {t.state.name for t in done} == {"COMPLETE"}
+    assert len(trials) > len(done)  # the killed cells are there too, interrupted
+
+
+def test_two_identical_sweeps_started_together_in_a_fresh_folder(workdir: Path) -> None:
+    command = ("-m", *TINY, "hydra.sweeper.n_trials=4")
+    procs = [start(workdir, *command) for _ in range(2)]
+    for proc, log in procs:
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    trials = study(workdir).trials
+    assert len(parent_runs(workdir)) == 1
+    done = counted(trials)
+    assert len(done) == 4 and len(set(param_sets(trials))) == len(trials)  # no duplicate parameter sets
     runs = {r.info.run_id: r for r in job_runs(workdir)}
-    killed = runs[after[1].user_attrs["mlflow_run_id"]]
-    assert killed.info.status == "KILLED" and "stale" in killed.data.tags["failure_reason"]
-    assert [r.info.status for r in runs.values()].count("RUNNING") == 0
-    assert sorted(int(p.name) for p in workdir.glob("outputs/multiruns/*/*/[0-9]*")) == [0, 1, 2]  # numbering continues
+    for t in trials:
+        job_dir = Path(runs[t.user_attrs["mlflow_run_id"]].data.tags["hydra.job_dir"])
+        assert job_dir.name == str(t.number)
+        assert f"sweep.trial={t.number}" in (job_dir / ".hydra" / "overrides.yaml").read_text()
 
 
-def test_sigterm_kills_the_run_and_fails_the_trial(workdir: Path) -> None:
-    proc, log = start(workdir, "-m", "workers=serial", "hydra.sweeper.n_trials=1", "trainer.epochs=30")
-    wait_for(log, "epoch 2/30", proc)
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) != 0
-    seconds = time.monotonic() - sent
+def test_a_job_killed_by_the_kernel_fails_its_trial_and_the_sweep_goes_on(workdir: Path) -> None:
+    # the fault hook: a job with seed 1 SIGKILLs its own worker after its first epoch (off unless this is set)
+    env_fault = {"RESNET_SWEEP_TEST_SIGKILL_SEED": "1"}
+    command = ("-m", "trainer.epochs=2", "data.train_subset=128", "search=none", "hydra/sweeper/sampler=grid",
+               "seed=choice(0,1,2)")
+    res = subprocess.run([sys.executable, "-m", "resnet_sweep", *command], cwd=workdir, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env_fault})
+    assert res.returncode == 0, res.stderr[-3000:]
+    done = counted(study(workdir).trials)
+    by_seed = {t.params["seed"]: t for t in done}
+    assert sorted(by_seed) == [0, 1, 2] and len(done) == 3
+    assert by_seed[1].state.name == "FAIL" and "worker process died" in by_seed[1].user_attrs["fail_reason"]
+    assert by_seed[0].state.name == by_seed[2].state.name == "COMPLETE"
+    runs = {r.info.run_id: r for r in job_runs(workdir)}
+    assert runs[by_seed[1].user_attrs["mlflow_run_id"]].info.status == "FAILED"
+
+
+def test_the_same_overrides_in_another_order_resume_the_same_study(workdir: Path) -> None:
+    first = run_cli(workdir, "-m", "trainer.epochs=1", "data.train_subset=128", "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli(workdir, "-m", "data.train_subset=128", "trainer.epochs=1", "hydra.sweeper.n_trials=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(optuna.get_all_study_summaries(f"sqlite:///{workdir / 'optuna.db'}")) == 1
+    assert len(counted(study(workdir).trials)) == 2
+
+
+def test_any_experiment_or_study_name_sweeps(workdir: Path) -> None:
+    name = """a/b,c 'q' "d" ${x}"""
+    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=1", "tracking.experiment='实验'",
+                  "hydra.sweeper.study_name='a/b,c \\'q\\' \"d\" \\${x}'")
+    assert res.returncode == 0, res.stderr[-3000:]
     (trial,) = study(workdir).trials
-    (run,) = job_runs(workdir)
-    assert trial.state.name == "FAIL" and "Terminated" in trial.user_attrs["fail_reason"]
-    assert run.info.status == "KILLED" and "Terminated" in run.data.tags["failure_reason"]
-    print(f"SIGTERM -> run KILLED and trial FAIL within {seconds:.2f} s")
+    assert study(workdir).study_name == name and trial.state.name == "COMPLETE"
+    (run,) = job_runs(workdir, "实验")
+    assert run.data.tags["optuna.study"] == name and run.info.status == "FINISHED"
 
 
 def test_half_the_trials_diverge_and_the_sweep_goes_on(workdir: Path) -> None:
@@ -124,13 +243,32 @@ def test_half_the_trials_diverge_and_the_sweep_goes_on(workdir: Path) -> None:
     assert sorted(r.info.status for r in job_runs(workdir)) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
 
 
-def test_every_trial_failing_ends_with_a_summary_and_a_nonzero_exit(workdir: Path) -> None:
-    res = run_cli(workdir, "-m", "trainer.epochs=2", "data.train_subset=256", "hydra.sweeper.n_trials=2",
-                  "optimizer.lr=1e9")
-    assert res.returncode != 0
+def test_every_trial_failing_ends_with_a_summary_whose_advice_works(workdir: Path) -> None:
+    command = ("-m", "trainer.epochs=2", "data.train_subset=256", "hydra.sweeper.n_trials=2", "optimizer.lr=1e9")
+    res = run_cli(workdir, *command)
+    assert res.returncode == 1
     out = res.stdout + res.stderr
-    assert "Sweep failed: none of the 2 trials" in out and "NonFiniteLoss" in out
+    assert "Sweep failed: none of its 2 trials completed" in out and "NonFiniteLoss" in out
     assert "Traceback" not in out
+    (parent,) = parent_runs(workdir)
+    assert parent.info.status == "FAILED"
+    # the summary says a rerun of the same command adds nothing, and how to start anew: both hold
+    again = run_cli(workdir, *command)
+    assert again.returncode == 1 and len(study(workdir).trials) == 2
+    advice = out.split("hydra.sweeper.study_name=", 1)[1].split()[0].rstrip(".")
+    fixed = run_cli(workdir, "-m", "trainer.epochs=1", "data.train_subset=128", "hydra.sweeper.n_trials=2",
+                    f"hydra.sweeper.study_name={advice}")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert len(optuna.get_all_study_summaries(f"sqlite:///{workdir / 'optuna.db'}")) == 2
+
+
+def test_max_failure_rate_stops_the_sweep_with_the_summary(workdir: Path) -> None:
+    res = run_cli(workdir, "-m", "workers=serial", "data.train_subset=256", "search=none",
+                  "hydra/sweeper/sampler=grid", "optimizer.lr=choice(1e9)", "seed=choice(0,1,2,3)", "trainer.epochs=2",
+                  "hydra.sweeper.max_failure_rate=0.5")
+    assert res.returncode == 1
+    assert "more than hydra.sweeper.max_failure_rate=0.5" in res.stdout + res.stderr
+    assert len(study(workdir).trials) == 1  # stopped after the first failure (1 of 1 > 0.5), not 4
 
 
 def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(workdir: Path) -> None:
