@@ -40,12 +40,13 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from resnet_sweep import locks, tracking, trials
-from resnet_sweep.trials import Terminated, counted, install_sigterm_handler
+from resnet_sweep.trials import counted
+from resnet_sweep.workers import SWEEPER_PID_ENV, Terminated, install_sigterm_handler
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 # Launchers whose jobs run in worker processes on this machine, children of the sweeping process: those
-# jobs end with the sweep (trials.job_in_progress). SLURM jobs do not: they report to the study themselves.
+# jobs end with the sweep (resnet_sweep/workers.py). SLURM jobs do not: they report to the study themselves.
 LOCAL_WORKERS = ("JoblibLauncher", "LocalLauncher")
 WORKER_DIED = ("TerminatedWorkerError", "BrokenProcessPool")  # what joblib's loky raises when a worker dies
 
@@ -72,6 +73,9 @@ class ResnetOptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None, n_trials: int,
                  n_jobs: int, max_failure_rate: float, custom_search_space: str | None, params: DictConfig | None,
                  pruner: Any = None, heartbeat_interval: int = 5, grace_period: int = 20) -> None:
+        if n_jobs < 1:
+            raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: the sweeper keeps n_jobs trials in flight, so it must "
+                             f"be >= 1 (with workers=joblib it follows hydra.launcher.n_jobs)")
         self.impl = _Impl(instantiate(sampler, _execution_whitelist_=SAMPLERS), direction, storage, study_name,
                           n_trials, n_jobs, max_failure_rate, custom_search_space, params)
         self.impl.sampler_config = sampler
@@ -160,7 +164,7 @@ class _Impl(OptunaSweeperImpl):
         log.info("Study %s in %s: %d trials finished of n_trials=%d", study.study_name,
                  tracking.safe_url(str(self.storage)), len(counted(study.trials)), self.n_trials)
         if type(self.launcher).__name__ in LOCAL_WORKERS:
-            os.environ[trials.SWEEPER_PID_ENV] = str(os.getpid())
+            os.environ[SWEEPER_PID_ENV] = str(os.getpid())
         try:
             self._run(study, storage, space, fixed, fixed_overrides)
             self._finish(study, parent)
@@ -179,9 +183,11 @@ class _Impl(OptunaSweeperImpl):
              fixed_overrides: list[str]) -> None:
         """Launch trials until the study holds n_trials counted ones; wait while other processes' trials
         run (they may finish the study, or die and be retried here)."""
-        waiting_since = None
+        said_waiting = False
         while True:
-            optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
+            with locks.store_lock(str(self.storage)):  # each interrupted trial queued once, whoever looks
+                optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
+                trials.queue_retries(study)
             all_trials = study.get_trials(deepcopy=False)
             done = counted(all_trials)
             if len(done) >= self.n_trials:
@@ -192,13 +198,15 @@ class _Impl(OptunaSweeperImpl):
             if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs for t in all_trials):
                 slots = min(slots, 1)  # a trial whose worker died beside another's runs alone: see _worker_died
             if slots <= 0:
-                if waiting_since is None:
-                    waiting_since = time.monotonic()
+                if not isinstance(storage, optuna.storages.RDBStorage):
+                    return  # no heartbeats: a dead process's RUNNING trial could never be told from a live one
+                if not said_waiting:
+                    said_waiting = True
                     log.info("waiting for %d trials that other processes run (%s)", len(running),
                              ", ".join(str(t.number) for t in running))
                 time.sleep(self.heartbeat_interval)
                 continue
-            waiting_since = None
+            said_waiting = False
             self._launch(study, storage, space, fixed, fixed_overrides, slots)
 
     def _launch(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
@@ -249,28 +257,27 @@ class _Impl(OptunaSweeperImpl):
         for number in left:
             if len(left) == 1:
                 trials.end(study, number, TrialState.FAIL, reason=f"its worker process died ({error})")
-                self._kill_run(study, number, f"its worker process died ({error})", status="FAILED")
+                self._kill_run(number, f"its worker process died ({error})", status="FAILED")
             else:
                 self._interrupt(study, number, f"interrupted: a worker process died beside it ({error})",
-                                **{trials.WORKER_DEATHS: True})
+                                **{trials.WORKER_DEATHS: True})  # its retry runs alone
         log.error("A worker process died (%s); the sweep goes on with fresh workers", error)
 
-    def _interrupt(self, study: optuna.Study, number: int, reason: str, **retry_attrs: Any) -> None:
-        if trials.end(study, number, TrialState.FAIL, reason=reason, interrupted=True, **retry_attrs):
+    def _interrupt(self, study: optuna.Study, number: int, reason: str, **attrs: Any) -> None:
+        if trials.end(study, number, TrialState.FAIL, reason=reason, interrupted=True, **attrs):
             log.warning("trial %d %s; its parameters will run again", number, reason)
-        self._kill_run(study, number, reason)
+        self._kill_run(number, reason)
 
-    def _kill_run(self, study: optuna.Study, number: int, reason: str, status: str = "KILLED") -> None:
+    def _kill_run(self, number: int, reason: str, status: str = "KILLED") -> None:
         if self.parent is not None:
-            self.parent.end_trial_run(trials.find(study, number).user_attrs.get("mlflow_run_id"), reason, status)
+            self.parent.end_trial_runs(number, reason, status)
 
     def _stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna's fail_stale_trials failed this RUNNING trial (no heartbeat for grace_period s): it was
         interrupted (its process died); queue its parameters again, end its MLflow run KILLED."""
         reason = f"interrupted: no heartbeat for {self.grace_period} s (its process died)"
-        trials.retry(study, trial, reason)
-        if self.parent is not None:
-            self.parent.end_trial_run(trial.user_attrs.get("mlflow_run_id"), reason)
+        trials.retry(study, trial, reason)  # fail_stale_trials runs under the store lock: queued once
+        self._kill_run(trial.number, reason)
         log.warning("trial %d was left RUNNING by a process that died: its parameters will run again", trial.number)
 
     def _check_failure_rate(self, study: optuna.Study, done: list[FrozenTrial]) -> None:
@@ -295,7 +302,7 @@ class _Impl(OptunaSweeperImpl):
     def _finish(self, study: optuna.Study, parent: tracking.StudyRun) -> None:
         done = counted(study.trials)
         counts = {s.name: sum(t.state == s for t in done) for s in trials.FINISHED}
-        counts["INTERRUPTED"] = len(trials.retried(study.trials))
+        counts["INTERRUPTED"] = len(trials.interrupted(study.trials))
         if not any(t.state == TrialState.COMPLETE for t in done):
             self._fail(study, f"none of its {len(done)} trials completed ({counts['FAIL']} failed, "
                               f"{counts['PRUNED']} pruned)")

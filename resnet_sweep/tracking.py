@@ -95,7 +95,7 @@ class StudyRun:
                 **{f"pruner.{k}": v for k, v in vars(pruner).items() if not k.startswith("__")},
                 "n_trials": config.hydra.sweeper.n_trials, "direction": str(config.hydra.sweeper.direction)})
             log.info("MLflow study run %s (parent of every trial's run)", run_id)
-        self.run_id = run_id
+        self.run_id, self.experiment_id = run_id, experiment_id
         JobRun(self.client, run_id).set_tags({"sweep.dir": str(Path(config.hydra.sweep.dir).resolve())})
         os.environ[PARENT_ENV] = run_id
 
@@ -106,18 +106,18 @@ class StudyRun:
         except MlflowException:
             return False
 
-    def end_trial_run(self, run_id: str | None, reason: str, status: str = "KILLED") -> None:
-        """End a trial's run `status` (KILLED: interrupted), with `reason`, unless it already ended (or never
-        started)."""
-        if self.client is None or not run_id:
+    def end_trial_runs(self, trial: int, reason: str, status: str = "KILLED") -> None:
+        """End the runs of trial number `trial` that still run `status` (KILLED: interrupted), with `reason`.
+        Found by their tags, not the trial's `mlflow_run_id`: a job stopped between creating its run and
+        telling the trial about it leaves a run only the tags know."""
+        if self.client is None:
             return
-        try:
-            now = self.client.get_run(run_id).info.status
-        except MlflowException:
-            return
-        if now == "RUNNING":
-            JobRun(self.client, run_id).set_tags({"failure_reason": reason})
-            self.client.set_terminated(run_id, status)
+        for run in self.client.search_runs(
+                [self.experiment_id], max_results=100,
+                filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`optuna.trial` = '{trial}' "
+                              f"and attributes.status = 'RUNNING'"):
+            JobRun(self.client, run.info.run_id).set_tags({"failure_reason": reason})
+            self.client.set_terminated(run.info.run_id, status)
 
     def finish(self, results: dict[str, Any] | None, config: DictConfig, results_file: str | None = None,
                failed: str | None = None) -> None:
@@ -279,10 +279,10 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     parent = os.environ.get(PARENT_ENV)
     if parent and HydraConfig.get().mode.name == "MULTIRUN":
         tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
-    run = client.create_run(experiment_id, run_name=job_dir.name if parent else None, tags=record_tags(tags))
-    job = JobRun(client, run.info.run_id)
-    log.info("MLflow run %s in experiment '%s' at %s", run.info.run_id, t.experiment, t.uri)
-    try:
+    job = JobRun(client, client.create_run(experiment_id, run_name=job_dir.name if parent else None,
+                                           tags=record_tags(tags)).info.run_id)
+    try:  # at once: a SIGTERM from here on ends the run KILLED
+        log.info("MLflow run %s in experiment '%s' at %s", job.run_id, t.experiment, t.uri)
         job.log_params(flatten(container))
         config_file = job_dir / "config_resolved.yaml"
         config_file.write_text(safe_url(OmegaConf.to_yaml(container)))

@@ -4,23 +4,21 @@ per study, interrupted trials retried, and a job's handle on its own trial (hear
 Who writes what: the sweeping process asks trials and launches jobs; each job tells its own trial's
 result (so a result survives whatever happens to the process that launched it). A trial stopped from
 outside (kill, SIGTERM, Ctrl-C, a lost heartbeat) is *interrupted*: FAIL with the reason, and a WAITING
-copy with the same parameters is queued, which the next `ask()` of any process of the study takes. An
-interrupted trial stays visible but does not count towards n_trials (see `counted`).
+copy with the same parameters is queued (queue_retries), which the next `ask()` of any process of the
+study takes. An interrupted trial stays visible but does not count towards n_trials (see `counted`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import signal
 import threading
-import time
 import warnings
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from resnet_sweep.workers import Terminated
 
 # Optuna marks storage heartbeats experimental and meant for study.optimize; we beat ourselves.
 warnings.filterwarnings("ignore", message=r".*heartbeat", category=optuna.exceptions.ExperimentalWarning)
@@ -30,24 +28,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # system attrs of a retry, named as Optuna's RetryHeartbeatStaleTrialCallback names them, so its
 # retried_trial_number() and retry_history() read our retries too
 RETRY_OF, RETRY_HISTORY = "failed_trial", "retry_history"
-WORKER_DEATHS = "worker_died"  # a retry of a trial whose worker process died beside another (see sweeper)
-SWEEPER_PID_ENV = "RESNET_SWEEP_SWEEPER_PID"  # set for jobs in worker processes that must end with the sweep
-
-
-class Terminated(BaseException):
-    """SIGTERM (SLURM's preemption notice) as an exception, so runs and trials are closed on the way out."""
-
-
-_why_terminated: list[str] = []  # set before we SIGTERM ourselves, so the reason names the cause
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(_why_terminated[0] if _why_terminated else f"terminated by signal {signum}")
-
-
-def install_sigterm_handler() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+WORKER_DEATHS = "worker_died"  # a trial whose worker process died beside another, and its retry (see sweeper)
+INTERRUPTED = "interrupted"  # user attr of a trial stopped from outside: FAIL, retried, not counted
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int,
@@ -67,44 +49,58 @@ def retried(trials: list[FrozenTrial]) -> set[int]:
     return {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, [])}
 
 
+def interrupted(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of the trials stopped from outside: marked so by whoever stopped them, or found silent and
+    queued again by a sweep (a stale trial can carry no mark: Optuna fails it first)."""
+    return retried(trials) | {t.number for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED)}
+
+
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that finished on their own (complete, pruned, or failed by their job): n_trials counts these."""
-    again = retried(trials)
-    return [t for t in trials if t.state in FINISHED and t.number not in again]
+    stopped = interrupted(trials)
+    return [t for t in trials if t.state in FINISHED and t.number not in stopped]
 
 
-def retry(study: optuna.Study, trial: FrozenTrial, reason: str, **system_attrs: Any) -> None:
+def retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     """Queue a WAITING copy of an interrupted trial: same parameters and sampler attributes (a grid cell
     keeps its grid_id), its own user attrs. Optuna's RetryHeartbeatStaleTrialCallback would also copy the
     user attrs (the old MLflow run id, the failure reason), which belong to the interrupted trial only."""
     attrs = {**trial.system_attrs, RETRY_OF: trial.system_attrs.get(RETRY_OF, trial.number),
-             RETRY_HISTORY: [*trial.system_attrs.get(RETRY_HISTORY, []), trial.number], **system_attrs}
+             RETRY_HISTORY: [*trial.system_attrs.get(RETRY_HISTORY, []), trial.number]}
+    if trial.user_attrs.get(WORKER_DEATHS):
+        attrs[WORKER_DEATHS] = True
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, system_attrs=attrs,
         user_attrs={"retry_of": trial.number, "retry_reason": reason[:2000]}))
 
 
-def end(study: optuna.Study, number: int, state: TrialState, values: list[float] | None = None,
-        reason: str | None = None, interrupted: bool = False, **retry_attrs: Any) -> bool:
-    """Finish trial `number` unless another process did first; True if this call finished it.
+def queue_retries(study: optuna.Study) -> None:
+    """Queue a retry of every interrupted trial that has none yet. Run under the study's store lock (two
+    processes at once would queue two): the process that stops a trial only marks it, since it may die
+    the next moment (joblib SIGKILLs its workers when the sweep is interrupted)."""
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number in sorted(interrupted(list(trials.values())) - retried(list(trials.values()))):
+        retry(study, trials[number], str(trials[number].user_attrs.get("fail_reason", "interrupted")))
 
-    An interrupted trial is FAIL and queued again with the same parameters (only by the process that
-    failed it, so it is queued once)."""
+
+def end(study: optuna.Study, number: int, state: TrialState, values: list[float] | None = None,
+        reason: str | None = None, interrupted: bool = False, **attrs: Any) -> bool:
+    """Finish trial `number` unless another process did first; True if this call finished it. `reason`
+    and `attrs` become user attrs first. An interrupted trial is FAIL, marked so; queue_retries then
+    queues its parameters again."""
     frozen = find(study, number)
     if frozen.state != TrialState.RUNNING:
         return False
+    storage = study._storage  # noqa: SLF001 (user attrs by trial id; a Trial object would run the sampler)
     try:
-        if reason:
-            study._storage.set_trial_user_attr(frozen._trial_id, "fail_reason", reason[:5000])  # noqa: SLF001
-            if interrupted:
-                study._storage.set_trial_user_attr(frozen._trial_id, "interrupted", True)  # noqa: SLF001
-        if not study._storage.set_trial_state_values(frozen._trial_id, state, values):  # noqa: SLF001
+        for key, value in {**({"fail_reason": reason[:5000]} if reason else {}),
+                           **({INTERRUPTED: True} if interrupted else {}), **attrs}.items():
+            storage.set_trial_user_attr(frozen._trial_id, key, value)  # noqa: SLF001
+        if not storage.set_trial_state_values(frozen._trial_id, state, values):  # noqa: SLF001
             return False
     except optuna.exceptions.UpdateFinishedTrialError:
         return False  # another process (the job, the sweeper, a stale check) finished it first
-    if interrupted:
-        retry(study, frozen, reason or "interrupted", **retry_attrs)
-    else:
+    if not interrupted:
         # what study.tell does after storing the state: the sampler's bookkeeping (e.g. the grid's end)
         try:
             study.sampler.after_trial(study, find(study, number), state, values)
@@ -144,65 +140,6 @@ def beat(storage: Any, trial_ids: Callable[[], list[int]], interval: float) -> C
         thread.join()
 
     return halt
-
-
-_job_running = threading.Event()  # set while a job trains in this process
-
-
-_when_orphaned: list[Callable[[str], None]] = []
-
-
-@contextmanager
-def job_in_progress(when_orphaned: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Wraps a job: in a worker process of a sweep on this machine, the job ends with the sweep (below),
-    and then `when_orphaned(reason)` runs (e.g. to end the dead sweep's MLflow parent run)."""
-    _when_orphaned[:] = [when_orphaned] if when_orphaned else []
-    _end_with_sweeper()
-    _job_running.set()
-    try:
-        yield
-    finally:
-        _job_running.clear()
-
-
-def _end_with_sweeper() -> None:
-    """When the sweeping process dies (kill -9 included), stop the trial in progress as interrupted
-    (SIGTERM to ourselves: the job closes its run and trial) and exit, instead of training on as an orphan
-    that loky would keep for minutes. Started once per worker process; a no-op where the sweeper did not
-    ask for it (jobs in the sweeping process itself, SLURM jobs that must outlive it)."""
-    pid = int(os.environ.get(SWEEPER_PID_ENV, "0") or 0)
-    if not pid or pid == os.getpid() or getattr(_end_with_sweeper, "started", False):
-        return
-    _end_with_sweeper.started = True  # type: ignore[attr-defined]
-    parent = os.getppid()
-
-    def alive() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return os.getppid() == parent  # a worker's parent is the sweeper; an orphan gets init or a subreaper
-
-    def watch() -> None:
-        while alive():
-            time.sleep(0.5)
-        reason = f"its sweeping process (pid {pid}) died"
-        if _job_running.is_set():
-            _why_terminated.append(reason)
-            os.kill(os.getpid(), signal.SIGTERM)
-            deadline = time.monotonic() + 6
-            while _job_running.is_set() and time.monotonic() < deadline:
-                time.sleep(0.05)
-        for callback in _when_orphaned:
-            try:
-                callback(reason)
-            except Exception:  # noqa: BLE001 (best effort: the process is going anyway)
-                pass
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="end-with-sweeper").start()
 
 
 class Pruned(Exception):

@@ -42,7 +42,8 @@ def parent_runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
 def counted(trials) -> list:  # noqa: ANN001
     """Trials that finished on their own: interrupted ones were retried and do not count."""
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and t.number not in retried]
+    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and t.number not in retried
+            and not t.user_attrs.get("interrupted")]
 
 
 def param_sets(trials) -> list:  # noqa: ANN001
@@ -159,11 +160,21 @@ def test_a_stopped_sweep_leaves_nothing_behind_and_the_same_command_finishes_it_
           f"{len(done)} COMPLETE, {len(set(param_sets(done)))} distinct, {len(trials) - len(done)} interrupted")
 
 
+def test_a_sweep_that_errors_while_launching_leaves_its_parent_run_failed_and_no_trial_running(
+        workdir: Path) -> None:
+    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=2", "hydra.launcher.backend=nosuch")
+    assert res.returncode != 0 and "Unsupported Joblib backend" in res.stderr
+    (parent,) = parent_runs(workdir)
+    assert parent.info.status == "FAILED" and "nosuch" in parent.data.tags["failure_reason"]
+    trials = study(workdir).trials
+    assert "RUNNING" not in {t.state.name for t in trials} and counted(trials) == []  # interrupted, queued again
+
+
 def test_a_grid_killed_mid_run_trains_every_cell_exactly_once_after_the_rerun(workdir: Path) -> None:
-    command = ("experiment=degradation", "-m", "trainer.epochs=3", "data.train_subset=256", "model.depth=choice(8,14)",
+    command = ("experiment=degradation", "-m", "trainer.epochs=8", "data.train_subset=256", "model.depth=choice(8,14)",
                "seed=choice(0,1)", "report=false", *FAST_HEARTBEAT)
     proc, log = start(workdir, *command)
-    wait_for_epochs(log, "sweep.trial=3", 1, proc)
+    wait_for_epochs(log, "sweep.trial=3", 3, proc)  # the second pair of cells, mid-training
     proc.kill()
     proc.wait()
     time.sleep(5)

@@ -1,0 +1,81 @@
+"""A sweep's worker processes end with their sweep, and SIGTERM ends a job cleanly. Standard library
+only: the package imports this first (resnet_sweep/__init__.py), so a worker starts watching its sweep
+before the seconds it spends importing torch.
+
+Why our own watch: joblib's loky workers, orphaned by a `kill -9` of the sweeping process, train on to
+the end and then idle for minutes holding their memory (on a GPU, its memory). Jobs of a SLURM sweep
+are not watched: they outlive the process that submitted them by design.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+SWEEPER_PID_ENV = "RESNET_SWEEP_SWEEPER_PID"  # set by the sweeper for jobs in its own worker processes
+
+
+class Terminated(BaseException):
+    """SIGTERM (SLURM's preemption notice) as an exception, so runs and trials are closed on the way out."""
+
+
+_why_terminated: list[str] = []  # set before we SIGTERM ourselves, so the reason names the cause
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(_why_terminated[0] if _why_terminated else f"terminated by signal {signum}")
+
+
+def install_sigterm_handler() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+_job_running = threading.Event()  # set while a job trains in this process
+_when_orphaned: list[Callable[[str], None]] = []
+_watching = threading.Lock()
+
+
+@contextmanager
+def job_in_progress(when_orphaned: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Wraps a job: should this worker's sweep die meanwhile, the job is stopped as interrupted (SIGTERM:
+    it closes its run and trial), then `when_orphaned(reason)` runs (e.g. to end the dead sweep's MLflow
+    parent run) and the process exits."""
+    _when_orphaned[:] = [when_orphaned] if when_orphaned else []
+    watch_sweeper()
+    _job_running.set()
+    try:
+        yield
+    finally:
+        _job_running.clear()
+
+
+def watch_sweeper() -> None:
+    """In a worker process of a sweep (its parent set SWEEPER_PID_ENV): a thread that ends this process
+    within a second of the sweeping process's death. Once per process; a no-op anywhere else."""
+    pid = int(os.environ.get(SWEEPER_PID_ENV, "0") or 0)
+    if not pid or pid == os.getpid() or not _watching.acquire(blocking=False):
+        return
+
+    def watch() -> None:
+        while os.getppid() == pid:  # a worker's parent is the sweeper; an orphan gets init or a subreaper
+            time.sleep(0.5)
+        reason = f"its sweeping process (pid {pid}) died"
+        if _job_running.is_set():
+            _why_terminated.append(reason)
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 6
+            while _job_running.is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for callback in _when_orphaned:
+            try:
+                callback(reason)
+            except Exception:  # noqa: BLE001 (best effort: the process is going anyway)
+                pass
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="watch-sweeper").start()
