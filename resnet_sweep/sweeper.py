@@ -45,9 +45,10 @@ from resnet_sweep.workers import SWEEPER_PID_ENV, Terminated, install_sigterm_ha
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
-# Launchers whose jobs run in worker processes on this machine, children of the sweeping process: those
-# jobs end with the sweep (resnet_sweep/workers.py). SLURM jobs do not: they report to the study themselves.
-LOCAL_WORKERS = ("JoblibLauncher", "LocalLauncher")
+# Launchers whose jobs run in worker processes that are children of the sweeping process: those jobs end
+# with the sweep (resnet_sweep/workers.py). Submitit's jobs (SLURM, local) outlive it: they report to the
+# study themselves.
+LOCAL_WORKERS = ("JoblibLauncher",)
 WORKER_DIED = ("TerminatedWorkerError", "BrokenProcessPool")  # what joblib's loky raises when a worker dies
 
 
@@ -185,19 +186,22 @@ class _Impl(OptunaSweeperImpl):
         run (they may finish the study, or die and be retried here)."""
         said_waiting = False
         while True:
-            with locks.store_lock(str(self.storage)):  # each interrupted trial queued once, whoever looks
+            # under the lock, so that processes of one study neither queue a retry twice nor together ask
+            # for more trials than n_trials leaves
+            with locks.store_lock(str(self.storage)):
                 optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
                 trials.queue_retries(study)
-            all_trials = study.get_trials(deepcopy=False)
-            done = counted(all_trials)
-            if len(done) >= self.n_trials:
-                return
-            self._check_failure_rate(study, done)
-            running = [t for t in all_trials if t.state == TrialState.RUNNING]
-            slots = min(self.n_jobs, self.n_trials - len(done) - len(running))
-            if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs for t in all_trials):
-                slots = min(slots, 1)  # a trial whose worker died beside another's runs alone: see _worker_died
-            if slots <= 0:
+                all_trials = study.get_trials(deepcopy=False)
+                done = counted(all_trials)
+                if len(done) >= self.n_trials:
+                    return
+                self._check_failure_rate(study, done)
+                running = [t for t in all_trials if t.state == TrialState.RUNNING]
+                slots = min(self.n_jobs, self.n_trials - len(done) - len(running))
+                if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs for t in all_trials):
+                    slots = min(slots, 1)  # a trial whose worker died beside another's runs alone: see _worker_died
+                batch = self._ask(study, storage, slots)
+            if not batch:
                 if not isinstance(storage, optuna.storages.RDBStorage):
                     return  # no heartbeats: a dead process's RUNNING trial could never be told from a live one
                 if not said_waiting:
@@ -207,15 +211,20 @@ class _Impl(OptunaSweeperImpl):
                 time.sleep(self.heartbeat_interval)
                 continue
             said_waiting = False
-            self._launch(study, storage, space, fixed, fixed_overrides, slots)
+            self._launch(study, storage, space, fixed, fixed_overrides, batch)
+
+    @staticmethod
+    def _ask(study: optuna.Study, storage: Any, slots: int) -> list[optuna.Trial]:
+        """Ask `slots` trials (retries first: ask() takes WAITING ones), with a first heartbeat at once: a
+        trial asked by a process that dies before its job starts goes stale and is retried."""
+        batch = [study.ask() for _ in range(max(slots, 0))]
+        if isinstance(storage, optuna.storages.RDBStorage):
+            for t in batch:
+                storage.record_heartbeat(t._trial_id)  # noqa: SLF001 (Trial exposes no public id)
+        return batch
 
     def _launch(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
-                fixed_overrides: list[str], slots: int) -> None:
-        with locks.store_lock(str(self.storage)):  # GridSampler: a cell goes to one trial, whoever asks
-            batch = [study.ask() for _ in range(slots)]
-            for t in batch:  # beat at once: a trial asked by a process that dies before its job starts goes stale
-                if isinstance(storage, optuna.storages.RDBStorage):
-                    storage.record_heartbeat(t._trial_id)  # noqa: SLF001 (Trial exposes no public id)
+                fixed_overrides: list[str], batch: list[optuna.Trial]) -> None:
         overrides = [(*o, _override("sweep.study", study.study_name), f"sweep.trial={t.number}",
                       f"hydra.sweep.subdir={t.number}")  # job folder = trial number: unique across processes
                      for o, t in zip(self._configure_trials(batch, space, fixed, fixed_overrides), batch)]

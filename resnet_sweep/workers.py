@@ -61,10 +61,18 @@ def watch_sweeper() -> None:
     if not pid or pid == os.getpid() or not _watching.acquire(blocking=False):
         return
 
+    if os.getppid() != pid:
+        try:
+            os.kill(pid, 0)
+            return  # not the sweeper's own child (e.g. a job under a launcher's controller): nothing to watch
+        except ProcessLookupError:
+            pass  # the sweeper died before we looked: go at once
+
     def watch() -> None:
         while os.getppid() == pid:  # a worker's parent is the sweeper; an orphan gets init or a subreaper
             time.sleep(0.5)
         reason = f"its sweeping process (pid {pid}) died"
+        threading.Timer(8, os._exit, args=(1,)).start()  # whatever the clean-up below waits on
         if _job_running.is_set():
             _why_terminated.append(reason)
             os.kill(os.getpid(), signal.SIGTERM)
