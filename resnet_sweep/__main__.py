@@ -23,7 +23,8 @@ from resnet_sweep import tracking
 from resnet_sweep.config import Config, validate
 from resnet_sweep.data import probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
-from resnet_sweep.models import build_model, count_parameters
+from resnet_sweep.lesion import lesion_study
+from resnet_sweep.models import build_model, count_parameters, removable_blocks
 from resnet_sweep.trials import JobTrial, Pruned
 from resnet_sweep.workers import install_sigterm_handler, job_in_progress
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
@@ -152,6 +153,16 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
                 run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
                 if best is not None:
                     run.log_artifact(best)
+            if conf.lesion.enabled:
+                lesions = lesion_study(model, data.test, conf.trainer.eval_batch_size, conf.lesion.draws,
+                                       conf.lesion.max_removed, seed)
+                single = list(lesions["lesion.single_acc"].values())
+                log.info("lesion: test acc %.2f%% intact; one block deleted: mean %.2f%%, worst %.2f%% (%d blocks)",
+                         100 * lesions["lesion.intact_acc"][0], 100 * sum(single) / max(len(single), 1),
+                         100 * min(single, default=float("nan")), len(single))
+                if run is not None:
+                    run.log_series(lesions)
+                    run.log_text("\n".join(removable_blocks(model)), "lesion_blocks.txt")
     except NonFiniteLoss as exc:
         if not sweeping:
             raise

@@ -174,6 +174,19 @@ class SweepConfig:
 
 
 @dataclass
+class LesionConfig:
+    """After training, delete blocks at test time and record the test accuracy left (resnet_sweep/lesion.py)."""
+
+    enabled: bool = False
+    draws: int = 5  # random sets of blocks per number of deleted blocks
+    max_removed: int = 10  # delete up to this many blocks at once
+
+    def __post_init__(self) -> None:
+        _check(self.draws >= 1, f"lesion.draws={self.draws} must be >= 1")
+        _check(self.max_removed >= 1, f"lesion.max_removed={self.max_removed} must be >= 1")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -182,6 +195,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    lesion: LesionConfig = field(default_factory=LesionConfig)
     seed: int = 0
     objective: Metric = Metric.val_acc  # what the task returns to the sweeper (after the last epoch)
     report: bool = False  # draw the report (resnet_sweep.report) when a sweep ends

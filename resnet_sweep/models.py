@@ -8,7 +8,8 @@ removed, so the two differ only in the shortcuts (the paper's comparison).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Callable
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,7 @@ class BasicBlock(nn.Module):
         self.norm2 = spec.norm(planes if spec.preact else cout)
         self.act2 = spec.act()
         self.shortcut = make_shortcut(cin, cout, stride, spec) if spec.residual else None
+        self.shape_preserving = stride == 1 and cin == cout  # a lesion may delete it (removable_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preact:
@@ -150,6 +152,7 @@ class Bottleneck(nn.Module):
         self.norm3 = spec.norm(planes if spec.preact else cout)
         self.act3 = spec.act()
         self.shortcut = make_shortcut(cin, cout, stride, spec) if spec.residual else None
+        self.shape_preserving = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preact:
@@ -305,3 +308,31 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv and linear layers in the order they were built, which is depth order (shortcuts after
     their block's convs)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def removable_blocks(model: nn.Module) -> list[str]:
+    """Names of the blocks a lesion can delete (Veit et al. 2016): residual stages' blocks whose output
+    has their input's shape (no stride, no width change), so the net without them still runs. The first
+    block of a later stage changes the shape and stays: for a plain net there is no identity to put in its
+    place, and ResNets keep it too so that both families lose the same blocks."""
+    return [name for name, block in model.named_modules()
+            if isinstance(block, (BasicBlock, Bottleneck)) and block.shape_preserving]
+
+
+@contextmanager
+def lesioned(model: nn.Module, names: list[str]) -> Iterator[nn.Module]:
+    """The model with the named blocks deleted (each replaced by the identity, so a block's output is its
+    input), restored on exit. For a ResNet block with a ReLU after the addition this is exactly the block
+    with its residual branch skipped, relu(0 + x) = x, since its input is itself a ReLU's output; Veit et
+    al. delete blocks the same way (y_i = y_{i-1})."""
+    taken: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            taken.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, nn.Identity())
+        yield model
+    finally:
+        for parent, child, block in reversed(taken):
+            setattr(parent, child, block)

@@ -9,7 +9,9 @@ of that run. Which figures it draws depends on what the runs vary:
 - training_curves.png: training and validation error per epoch, one line per depth, plain | resnet;
 - gradient_profile_depth<N>.png: weight-gradient norm vs layer index (log scale), at init and after
   training, one line per activation/norm/family/init setting;
-- accuracy_per_epoch.png: validation accuracy per epoch for one run (the seed article's plot).
+- accuracy_per_epoch.png: validation accuracy per epoch for one run (the seed article's plot);
+- lesion_single.png, lesion_k.png: test accuracy with each block deleted, and with k random blocks
+  deleted, plain vs resnet, one panel per depth (Veit et al. 2016), when runs carry lesion metrics.
 """
 
 from __future__ import annotations
@@ -229,6 +231,60 @@ def accuracy_per_epoch(trial: Trial, out: Path, title: str) -> Path:
     return _save(fig, out / "accuracy_per_epoch.png")
 
 
+def _lesioned(trials: list[Trial]) -> list[Trial]:
+    return sorted((t for t in trials if "lesion.intact_acc" in t.final),
+                  key=lambda t: (int(t.params.get("model.depth", 0)), t.params.get("model.family", "")))
+
+
+def lesion_figures(trials: list[Trial], out: Path, title: str) -> list[Path]:
+    """Veit et al. 2016's two views, one panel per depth, plain vs resnet: test accuracy with each block
+    deleted (dashed: the intact net), and with k random blocks deleted (mean, band from worst to best draw)."""
+    by_depth = _groups(_lesioned(trials), ("model.depth",))
+    depths = sorted(by_depth, key=lambda d: int(d[0]))
+    paths = []
+    for name, metric, xlabel in (("lesion_single.png", "lesion.single_acc", "deleted block (input side first)"),
+                                 ("lesion_k.png", "lesion.k_acc_mean", "number of blocks deleted at random")):
+        fig, axes = plt.subplots(1, len(depths), figsize=(4.6 * len(depths), 4), squeeze=False, sharey=True)
+        for ax, depth in zip(axes[0], depths):
+            for t in by_depth[depth]:
+                family = t.params.get("model.family", "?")
+                color, intact = FAMILY_COLOR.get(family), 100 * t.final["lesion.intact_acc"]
+                steps = sorted(t.history.get(metric, {}))
+                x = steps if metric == "lesion.single_acc" else [0, *steps]
+                y = [100 * t.history[metric][k] for k in steps]
+                if metric == "lesion.single_acc":
+                    ax.axhline(intact, color=color, linestyle="--", linewidth=1, label=f"{family}, intact")
+                    ax.plot(x, y, marker="o", markersize=3, color=color, label=f"{family}, one block deleted")
+                else:
+                    ax.plot(x, [intact, *y], marker="o", markersize=3, color=color, label=f"{family}, mean of draws")
+                    ax.fill_between(steps, [100 * t.history["lesion.k_acc_min"][k] for k in steps],
+                                    [100 * t.history["lesion.k_acc_max"][k] for k in steps], color=color, alpha=0.15,
+                                    label=f"{family}, worst to best draw")
+            ax.set_title(f"depth {depth[0]}")
+            ax.set_xlabel(xlabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("test accuracy (%)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
+        paths.append(_save(fig, out / name, title, rect=(0, 0.07, 1, 0.93)))
+    return paths
+
+
+def lesion_table(trials: list[Trial]) -> str:
+    rows = []
+    for t in _lesioned(trials):
+        single = list(t.history.get("lesion.single_acc", {}).values())
+        k = t.history.get("lesion.k_acc_mean", {})
+        rows.append({"net": f"{t.params.get('model.family')}-{t.params.get('model.depth')}",
+                     "intact": f"{100 * t.final['lesion.intact_acc']:.1f}",
+                     "one deleted: mean": f"{100 * statistics.fmean(single):.1f}" if single else "-",
+                     "one deleted: worst": f"{100 * min(single):.1f}" if single else "-",
+                     "k deleted at random: mean (k: %)": ", ".join(f"{i}: {100 * k[i]:.0f}" for i in sorted(k))})
+    return to_markdown(rows) if rows else ""
+
+
 def summary_table(trials: list[Trial], keys: tuple[str, ...]) -> list[dict[str, str]]:
     rows = []
     for setting, group in sorted(_groups(trials, keys).items(), key=lambda kv: tuple(
@@ -284,6 +340,10 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
         figures += [depth_vs_accuracy(finished, out, title), training_curves(finished, out, title)]
     if any(t.grad_profile(0) for t in trials) and {"model.activation", "model.norm", "model.init"} & set(varying):
         figures += gradient_profiles(trials, out, f"Vanishing gradients on {dataset}")
+    lesions = lesion_table(trials)
+    if lesions:
+        figures += lesion_figures(trials, out, f"Deleting blocks of trained nets at test time (Veit et al. 2016), "
+                                               f"{dataset}")
     if len(trials) == 1:
         t = trials[0]
         figures.append(accuracy_per_epoch(t, out, f"{t.params.get('model.layout', '')} "
@@ -294,9 +354,14 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
           f"{len(trials)} run(s) on {dataset}; settings vary in: {', '.join(varying) or 'nothing'}. "
           "Accuracies are means ± std over seeds, at the last epoch; grad ratio = first-layer over "
           "last-layer weight-gradient norm (median over seeds), at init and at the last epoch.", "", table]
+    if lesions:
+        md += ["Test accuracy (%) of each trained net intact, with one deletable block deleted (mean and worst "
+               "over the blocks), and with k random blocks deleted (mean over draws):", "", lesions]
     md += [f"![{p.stem}]({p.name})" for p in figures]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     print(table)
+    if lesions:
+        print(lesions)
     for p in figures:
         print(f"wrote {p}")
     print(f"wrote {out / 'summary.md'}")

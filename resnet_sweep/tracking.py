@@ -243,8 +243,12 @@ class JobRun:
             self.client.log_batch(self.run_id, tags=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.log_series({k: {step: v} for k, v in metrics.items()})
+
+    def log_series(self, series: dict[str, dict[int, float]]) -> None:
+        """Metrics over steps at once: {key: {step: value}}."""
         now = int(time.time() * 1000)
-        items = [Metric(clean_key(k), float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(clean_key(k), float(v), now, step) for k, steps in series.items() for step, v in steps.items()]
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i: i + MAX_METRICS_PER_BATCH])
 

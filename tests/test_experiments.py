@@ -83,3 +83,23 @@ def test_article_recipe_on_digits_and_its_accuracy_curve(workdir: Path) -> None:
 def test_report_without_a_database_says_what_to_do(workdir: Path) -> None:
     res = run_cli(workdir, module="resnet_sweep.report")
     assert res.returncode != 0 and "no MLflow database" in res.stderr
+
+
+def test_lesion_experiment_records_every_deletion_and_draws_its_report(workdir: Path) -> None:
+    res = run_cli(workdir, "experiment=lesion", "-m", *FAST, "model.depth=choice(8,14)", "lesion.draws=2",
+                  "lesion.max_removed=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    client, parent, trials = sweep_and_trials(workdir, "lesion")
+    assert sorted((r.data.params["model.family"], r.data.params["model.depth"]) for r in trials) == [
+        ("plain", "14"), ("plain", "8"), ("resnet", "14"), ("resnet", "8")]
+    for run in trials:
+        blocks = client.download_artifacts(run.info.run_id, "lesion_blocks.txt", str(workdir))
+        names = Path(blocks).read_text().split()
+        assert names == (["layer1.0"] if run.data.params["model.depth"] == "8" else
+                         ["layer1.0", "layer1.1", "layer2.1", "layer3.1"])
+        single = client.get_metric_history(run.info.run_id, "lesion.single_acc")
+        assert sorted(m.step for m in single) == list(range(len(names)))
+        k = client.get_metric_history(run.info.run_id, "lesion.k_acc_mean")
+        assert sorted(m.step for m in k) == list(range(1, min(2, len(names)) + 1))
+        assert 0 <= run.data.metrics["lesion.intact_acc"] <= 1
+    assert {"lesion_single.png", "lesion_k.png"} <= report_files(client, parent.info.run_id)
