@@ -25,9 +25,9 @@ from resnet_sweep.data import probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.lesion import lesion_study
 from resnet_sweep.models import build_model, count_parameters, removable_blocks
+from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 from resnet_sweep.trials import JobTrial, Pruned
 from resnet_sweep.workers import install_sigterm_handler, job_in_progress
-from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 
 log = logging.getLogger("resnet_sweep")
 # A fault for tests only, off unless this variable is set: a job training with this seed SIGKILLs its own

@@ -149,6 +149,13 @@ class _Impl(OptunaSweeperImpl):
 
     def sweep(self, arguments: list[str]) -> None:
         install_sigterm_handler()
+        objective = str(getattr(self.config.get("objective"), "name", self.config.get("objective")))  # an enum
+        if objective.startswith("test_"):  # before any study, run or trial exists
+            log.error("objective=%s: a sweep must not choose hyperparameters on the test set, or the test "
+                      "accuracy of its best trial is no longer an unbiased estimate. Sweep on objective=val_acc "
+                      "(or val_loss with hydra.sweeper.direction=minimize); every run still records test_acc "
+                      "and test_loss.", objective)
+            raise SystemExit(2)
         self._process_searchspace_config()
         space, fixed, fixed_overrides = create_params_from_overrides(self._parse_sweeper_params_config()
                                                                      + list(arguments))

@@ -27,11 +27,24 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
-    """The training loss became NaN or infinite; the run stops there instead of training on."""
+    """The net diverged: its training loss, validation or test loss, or weights (BatchNorm's running
+    statistics included) became NaN or infinite. The run stops there instead of training on, and is
+    never a result: a finite training loss of 5e18 can leave NaN statistics and a chance-level val_acc."""
 
-    def __init__(self, epoch: int, step: int, value: float) -> None:
-        super().__init__(f"non-finite training loss {value} at epoch {epoch}, step {step}")
+    def __init__(self, epoch: int, step: int, value: float, what: str = "training loss") -> None:
+        super().__init__(f"non-finite {what} {value} at epoch {epoch}, step {step}")
         self.epoch, self.step, self.value = epoch, step, value
+
+
+def _check_finite(model: nn.Module, epoch: int, step: int, **losses: float) -> None:
+    for what, value in losses.items():
+        if not math.isfinite(value):
+            raise NonFiniteLoss(epoch, step, value, what.replace("_", " "))
+    # one host sync for every parameter and buffer (BatchNorm's running mean and variance overflow first)
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        bad = next(name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all())
+        raise NonFiniteLoss(epoch, step, float("nan"), f"weights ({bad})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,6 +173,7 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
             raise NonFiniteLoss(epoch, step, train_loss)
         seconds = time.perf_counter() - start
         val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, precision)
+        _check_finite(model, epoch, step, validation_loss=val_loss)
         metrics = {
             "train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc,
             "lr": opt.param_groups[0]["lr"], "epoch_seconds": seconds, "samples_per_s": n / seconds,
@@ -181,6 +195,7 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
     if best_checkpoint is not None:
         model.load_state_dict(torch.load(best_checkpoint, map_location=data.test.y.device, weights_only=True))
     test_loss, test_acc = evaluate(model, data.test, cfg.eval_batch_size, precision)
+    _check_finite(model, cfg.epochs, steps_per_epoch, test_loss=test_loss)
     log.info("test loss %.4f acc %.2f%%%s", test_loss, 100 * test_acc,
              f" (best val_acc {100 * best_acc:.2f}% checkpoint)" if best_checkpoint is not None else "")
     return {**metrics, "test_loss": test_loss, "test_acc": test_acc}

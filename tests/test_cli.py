@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
 import pytest
-from mlflow import MlflowClient
-
 from conftest import run_cli
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 QUICK = ("trainer.epochs=2", "data.train_subset=256")
@@ -112,3 +115,20 @@ def test_summary_prints_the_layer_table_and_params(workdir: Path) -> None:
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("params: 852") and "0.85M" in last
     assert "BasicBlock" in res.stdout
+
+
+@pytest.mark.slow
+def test_a_run_makes_no_outbound_connection(workdir: Path) -> None:
+    if not shutil.which("strace"):
+        if os.environ.get("CI"):
+            pytest.fail("strace is not installed: .ci/run installs Debian's strace")
+        pytest.skip("strace is not installed (apt-get install strace)")
+    trace = workdir / "trace.txt"
+    env = {k: v for k, v in os.environ.items() if k != "CI"}  # MLflow silences its telemetry under CI itself
+    res = subprocess.run(["strace", "-f", "-e", "trace=connect", "-o", str(trace), sys.executable, "-m", "resnet_sweep",
+                          "trainer.epochs=1", "data.train_subset=64"], cwd=workdir, capture_output=True, text=True,
+                         timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    calls = [line for line in trace.read_text().splitlines() if "connect(" in line]
+    outbound = [c for c in calls if ("AF_INET" in c and "127.0.0.1" not in c) or ("AF_INET6" in c and '"::1"' not in c)]
+    assert outbound == [], outbound  # no DNS lookup, no telemetry

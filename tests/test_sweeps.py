@@ -254,6 +254,26 @@ def test_half_the_trials_diverge_and_the_sweep_goes_on(workdir: Path) -> None:
     assert sorted(r.info.status for r in job_runs(workdir)) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
 
 
+def test_a_net_whose_statistics_diverge_with_a_finite_training_loss_is_never_a_complete_trial(
+        workdir: Path) -> None:
+    # lr 1e9 on 64 images: the training loss stays finite (5e18) but BatchNorm's statistics overflow
+    res = run_cli(workdir, "-m", "workers=serial", "trainer.epochs=2", "data.train_subset=64", "optimizer.lr=1e9",
+                  "hydra.sweeper.n_trials=1")
+    assert res.returncode == 1, res.stderr[-3000:]
+    (trial,) = study(workdir).trials
+    assert trial.state.name == "FAIL" and "non-finite" in trial.user_attrs["fail_reason"]
+    (run,) = job_runs(workdir)
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["failure_reason"]
+
+
+def test_a_sweep_refuses_to_select_on_the_test_set_before_anything_is_created(workdir: Path) -> None:
+    res = run_cli(workdir, "-m", *TINY, "objective=test_acc")
+    assert res.returncode == 2
+    assert "must not choose hyperparameters on the test set" in res.stdout + res.stderr
+    assert "objective=val_acc" in res.stdout + res.stderr and "Traceback" not in res.stdout + res.stderr
+    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
+
+
 def test_every_trial_failing_ends_with_a_summary_whose_advice_works(workdir: Path) -> None:
     command = ("-m", "trainer.epochs=2", "data.train_subset=256", "hydra.sweeper.n_trials=2", "optimizer.lr=1e9")
     res = run_cli(workdir, *command)
