@@ -23,8 +23,10 @@ from resnet_sweep import tracking
 from resnet_sweep.config import Config, validate
 from resnet_sweep.data import probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
+from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.lesion import lesion_study
 from resnet_sweep.models import build_model, count_parameters, removable_blocks
+from resnet_sweep.stores import check_store
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 from resnet_sweep.trials import JobTrial, Pruned
 from resnet_sweep.workers import install_sigterm_handler, job_in_progress
@@ -37,9 +39,22 @@ FAULT_SIGKILL_SEED = "RESNET_SWEEP_TEST_SIGKILL_SEED"
 
 @hydra.main(config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except UserError as exc:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a sweep's job: its trial fails with the reason, and the sweep goes on
+        exit_with(exc)  # one paragraph, exit code 2, no traceback
+
+
+def run(cfg: DictConfig) -> float:
+    tracking.mask_passwords_in_logs()
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
     conf: Config = validate(cfg, sweep_direction=hc.sweeper.get("direction") if sweeping else None)
+    resolve_device(conf.trainer.device)  # a device this machine lacks fails here, before any data or run
+    if conf.tracking.enabled and not sweeping:  # a sweep checked its stores before it launched this job
+        check_store(conf.tracking.uri, "tracking.uri")
     install_sigterm_handler()  # SIGTERM ends the run KILLED (and its trial FAIL) instead of vanishing
     if conf.trainer.threads:
         torch.set_num_threads(conf.trainer.threads)

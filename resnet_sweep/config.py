@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
 
+from resnet_sweep.errors import UserError
 from resnet_sweep.models import ACTIVATIONS, ARTICLE_DEPTH, IMAGENET_DEPTHS, cifar_depths
 
 Family = enum.Enum("Family", "plain resnet")
@@ -33,7 +34,10 @@ Metric = enum.Enum("Metric", "val_acc val_loss train_acc train_loss test_acc tes
 Precision = enum.Enum("Precision", "fp32 bf16 fp16")
 
 
-class ConfigError(ValueError):
+MAX_EXPERIMENT_NAME = 500  # MLflow's limit (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH)
+
+
+class ConfigError(UserError, ValueError):
     """A value that composes but cannot be trained; the message names the key and the valid values."""
 
 
@@ -159,6 +163,11 @@ class TrackingConfig:
     uri: str = MISSING
     experiment: str = "resnet_sweep"
     artifact_location: str = MISSING  # a folder; the experiment's artifacts go under it
+
+    def __post_init__(self) -> None:
+        _check(0 < len(self.experiment) <= MAX_EXPERIMENT_NAME,
+               f"tracking.experiment is {len(self.experiment)} characters long; MLflow takes 1 to "
+               f"{MAX_EXPERIMENT_NAME}: choose a shorter name")
 
 
 @dataclass

@@ -7,6 +7,8 @@ DataLoader of the seed article, which is the slow path on a GPU (and on a CPU fo
 from __future__ import annotations
 
 import gzip
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from resnet_sweep.config import DataConfig
+from resnet_sweep.errors import UserError
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-class DataUnavailable(RuntimeError):
+class DataUnavailable(UserError):
     """The dataset's files are missing and could not be downloaded."""
 
 
@@ -78,10 +81,11 @@ def _mnist_like(cfg: DataConfig, folder_name: str, extra: list[Path]) -> tuple[n
     files = next((f for f in map(_find_idx, folders) if f), None)
     if files is None and cfg.download:
         try:
-            getattr(datasets, folder_name)(str(root), train=True, download=True)
-            getattr(datasets, folder_name)(str(root), train=False, download=True)
+            with _nothing_left_on_failure(root / folder_name):
+                getattr(datasets, folder_name)(str(root), train=True, download=True)
+                getattr(datasets, folder_name)(str(root), train=False, download=True)
         except Exception as exc:  # offline: say what is missing instead of torchvision's URL error
-            raise _unavailable(cfg, folders, exc) from exc
+            raise _unavailable(cfg, folders, exc) from None
         files = _find_idx(folders[0])
     if files is None:
         raise _unavailable(cfg, folders, None)
@@ -95,19 +99,38 @@ def _cifar10(cfg: DataConfig) -> tuple[np.ndarray, ...]:
 
     folder = Path(cfg.root) / "cifar-10-batches-py"
     try:
-        train = datasets.CIFAR10(cfg.root, train=True, download=cfg.download)
-        test = datasets.CIFAR10(cfg.root, train=False, download=cfg.download)
+        with _nothing_left_on_failure(folder, Path(cfg.root) / "cifar-10-python.tar.gz"):
+            train = datasets.CIFAR10(cfg.root, train=True, download=cfg.download)
+            test = datasets.CIFAR10(cfg.root, train=False, download=cfg.download)
     except Exception as exc:
-        raise _unavailable(cfg, [folder], exc) from exc
+        raise _unavailable(cfg, [folder], exc) from None
     to_chw = lambda a: (a.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)  # noqa: E731
     return to_chw(train.data), to_chw(test.data), np.array(train.targets), np.array(test.targets)
 
 
+@contextmanager
+def _nothing_left_on_failure(*paths: Path) -> Iterator[None]:
+    """A failed download leaves no folder or partial file behind: each of `paths` that did not exist
+    before, and the data root itself if it was made for this, is removed again on failure."""
+    made = [p for p in (*paths, paths[0].parent) if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for p in made:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+
+
 def _unavailable(cfg: DataConfig, folders: list[Path], exc: Exception | None) -> DataUnavailable:
     where = " or ".join(str(f.resolve()) for f in folders)
-    why = f" (download failed: {type(exc).__name__}: {exc})" if exc else " (data.download=false)"
+    why = f" (download failed: {type(exc).__name__}: {' '.join(str(exc).split())[:400]})" if exc else " (data.download=false)"
+    files = ("the four IDX files " + ", ".join(IDX_FILES) + " (each may end in .gz)"
+             if cfg.name.name in ("mnist", "fashion_mnist") else "CIFAR-10's python batches (data_batch_1..5, test_batch)")
     return DataUnavailable(
-        f"dataset '{cfg.name.name}' not found: expected its files in {where}{why}. "
+        f"dataset '{cfg.name.name}' not found: expected {files} in {where}{why}. "
         f"Put them there, run once with the network and data.download=true, set data.root, "
         f"or use data=digits, which works offline.")
 

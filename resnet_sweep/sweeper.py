@@ -36,10 +36,12 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import FrozenTrial, TrialState
 
-from resnet_sweep import locks, tracking, trials
+from resnet_sweep import stores, tracking, trials
+from resnet_sweep.config import ConfigError, validate
+from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.trials import counted
 from resnet_sweep.workers import SWEEPER_PID_ENV, Terminated, install_sigterm_handler
 
@@ -49,6 +51,7 @@ SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 # with the sweep (resnet_sweep/workers.py). Submitit's jobs (SLURM, local) outlive it: they report to the
 # study themselves.
 LOCAL_WORKERS = ("JoblibLauncher",)
+MAX_STUDY_NAME = 512  # Optuna's column for study names (MAX_INDEXED_STRING_LENGTH)
 WORKER_DIED = ("TerminatedWorkerError", "BrokenProcessPool")  # what joblib's loky raises when a worker dies
 
 
@@ -149,13 +152,11 @@ class _Impl(OptunaSweeperImpl):
 
     def sweep(self, arguments: list[str]) -> None:
         install_sigterm_handler()
-        objective = str(getattr(self.config.get("objective"), "name", self.config.get("objective")))  # an enum
-        if objective.startswith("test_"):  # before any study, run or trial exists
-            log.error("objective=%s: a sweep must not choose hyperparameters on the test set, or the test "
-                      "accuracy of its best trial is no longer an unbiased estimate. Sweep on objective=val_acc "
-                      "(or val_loss with hydra.sweeper.direction=minimize); every run still records test_acc "
-                      "and test_loss.", objective)
-            raise SystemExit(2)
+        tracking.mask_passwords_in_logs()
+        try:
+            self._check()  # before any study, run or trial exists
+        except UserError as exc:
+            exit_with(exc)
         self._process_searchspace_config()
         space, fixed, fixed_overrides = create_params_from_overrides(self._parse_sweeper_params_config()
                                                                      + list(arguments))
@@ -164,7 +165,7 @@ class _Impl(OptunaSweeperImpl):
             space.pop(name, None)
         self.parent: tracking.StudyRun | None = None
         # one process at a time creates the schema, the study and its MLflow parent run
-        with locks.store_lock(str(self.storage)):
+        with stores.store_lock(str(self.storage)):
             storage = trials.open_storage(self.storage, self.heartbeat_interval, self.grace_period, self._stale)
             study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
                                         pruner=self.pruner, directions=self._get_directions(), load_if_exists=True)
@@ -187,6 +188,26 @@ class _Impl(OptunaSweeperImpl):
             parent.end("FAILED", f"{type(exc).__name__}: {exc}")
             raise
 
+    def _check(self) -> None:
+        """What the sweep's command gets wrong, found before anything is created: the config as the jobs
+        will see it (less the swept values), the objective, the names, the stores."""
+        job_config = self.config.copy()
+        with open_dict(job_config):
+            del job_config["hydra"]
+        conf = validate(job_config, sweep_direction=self.direction)
+        if conf.objective.name.startswith("test_"):
+            raise ConfigError(f"objective={conf.objective.name}: a sweep must not choose hyperparameters on the test "
+                              f"set, or the test accuracy of its best trial is no longer an unbiased estimate. Sweep "
+                              f"on objective=val_acc (or val_loss with hydra.sweeper.direction=minimize); every run "
+                              f"still records test_acc and test_loss")
+        if len(str(self.study_name)) > MAX_STUDY_NAME:
+            raise ConfigError(f"hydra.sweeper.study_name is {len(str(self.study_name))} characters long; Optuna keeps "
+                              f"at most {MAX_STUDY_NAME}: choose a shorter one (or a shorter tracking.experiment, "
+                              f"which the default study name starts with)")
+        stores.check_store(str(self.storage), "hydra.sweeper.storage")
+        if conf.tracking.enabled:
+            stores.check_store(conf.tracking.uri, "tracking.uri")
+
     def _run(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
              fixed_overrides: list[str]) -> None:
         """Launch trials until the study holds n_trials counted ones; wait while other processes' trials
@@ -195,7 +216,7 @@ class _Impl(OptunaSweeperImpl):
         while True:
             # under the lock, so that processes of one study neither queue a retry twice nor together ask
             # for more trials than n_trials leaves
-            with locks.store_lock(str(self.storage)):
+            with stores.store_lock(str(self.storage)):
                 optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
                 trials.queue_retries(study)
                 all_trials = study.get_trials(deepcopy=False)

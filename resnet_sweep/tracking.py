@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from importlib import metadata
@@ -31,7 +32,7 @@ from mlflow.utils.validation import (
 )
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_sweep.locks import store_lock
+from resnet_sweep.stores import store_lock
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,28 @@ def end_study_run(cfg: DictConfig, status: str, reason: str) -> None:
             client.set_terminated(run_id, status)
 
 
+def mask_passwords_in_logs() -> None:
+    """Mask URL passwords in every log line of this process, console and Hydra's log files alike: Hydra
+    logs each job's overrides, which may carry a database URL. Done where records are made, since the
+    launchers reconfigure logging (and its handlers) on every launch."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "masks_passwords", False):
+        return
+
+    def masked(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 (a malformed record is logging's to report, not ours)
+            return record
+        if "@" in message:
+            record.msg, record.args = safe_url(message), ()
+        return record
+
+    masked.masks_passwords = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(masked)
+
+
 def record_tags(tags: dict[str, Any]) -> dict[str, str]:
     """Tags as MLflow takes them: keys it accepts, values within its limit, no URL passwords."""
     return {clean_key(k): shorten(safe_url(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
@@ -172,7 +195,8 @@ def record_tags(tags: dict[str, Any]) -> dict[str, str]:
 
 def safe_url(url: str) -> str:
     """Text with the passwords of any URLs in it (scheme://user:password@host) masked, fit for a record."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+    # also as Hydra logs overrides, with `:` escaped: postgresql\://user\:password@host
+    return re.sub(r"(:\\?//)([^:/@\s\\]+)(\\?:)[^@]*@", r"\1\2\3***@", url)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -252,9 +276,18 @@ class JobRun:
         for i in range(0, len(items), MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=items[i: i + MAX_METRICS_PER_BATCH])
 
-    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        if folder.is_dir():
-            self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+    def log_text_folder(self, folder: Path, artifact_path: str | None = None) -> None:
+        """The files of `folder`, with any password in a URL masked (Hydra's own .hydra/ files keep what
+        was typed: those on disk are the user's, the copies in MLflow are shared)."""
+        if not folder.is_dir():
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in folder.rglob("*"):
+                if file.is_file():
+                    target = Path(tmp) / file.relative_to(folder)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_text(safe_url(file.read_text(errors="replace")))
+            self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -286,7 +319,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     job = JobRun(client, client.create_run(experiment_id, run_name=job_dir.name if parent else None,
                                            tags=record_tags(tags)).info.run_id)
     try:  # at once: a SIGTERM from here on ends the run KILLED
-        log.info("MLflow run %s in experiment '%s' at %s", job.run_id, t.experiment, t.uri)
+        log.info("MLflow run %s in experiment '%s' at %s", job.run_id, t.experiment, safe_url(t.uri))
         job.log_params(flatten(container))
         config_file = job_dir / "config_resolved.yaml"
         config_file.write_text(safe_url(OmegaConf.to_yaml(container)))
@@ -295,8 +328,8 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     except BaseException as exc:
         job.set_tags({"failure_reason": f"{type(exc).__name__}: {exc}"})
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"  # SIGTERM, Ctrl-C
-        job.log_artifacts(job_dir / ".hydra", ".hydra")
+        job.log_text_folder(job_dir / ".hydra", ".hydra")
         client.set_terminated(job.run_id, status)
         raise
-    job.log_artifacts(job_dir / ".hydra", ".hydra")
+    job.log_text_folder(job_dir / ".hydra", ".hydra")
     client.set_terminated(job.run_id, "FINISHED")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_sweep.config import OptimizerConfig, SchedulerConfig, TrainerConfig
+from resnet_sweep.config import ConfigError, OptimizerConfig, SchedulerConfig, TrainerConfig
 from resnet_sweep.data import Data, Split, batches, pad_crop_flip
 from resnet_sweep.diagnostics import GradientNorms
 
@@ -48,7 +48,15 @@ def _check_finite(model: nn.Module, epoch: int, step: int, **losses: float) -> N
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device `trainer.device` names; ConfigError if this machine has none such."""
     if name != "auto":
+        kind, _, index = name.partition(":")
+        if kind == "cuda" and (not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()):
+            raise ConfigError(f"trainer.device={name}: torch sees {torch.cuda.device_count()} CUDA device(s) here "
+                              f"(torch.cuda.is_available() is {torch.cuda.is_available()}); use trainer.device=auto "
+                              f"(cuda, then mps, then cpu) or trainer.device=cpu")
+        if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"trainer.device={name}: this machine has no Apple MPS device; use trainer.device=auto")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")

@@ -132,3 +132,68 @@ def test_a_run_makes_no_outbound_connection(workdir: Path) -> None:
     calls = [line for line in trace.read_text().splitlines() if "connect(" in line]
     outbound = [c for c in calls if ("AF_INET" in c and "127.0.0.1" not in c) or ("AF_INET6" in c and '"::1"' not in c)]
     assert outbound == [], outbound  # no DNS lookup, no telemetry
+
+
+@pytest.mark.slow
+def test_no_password_reaches_any_record_or_log(workdir: Path) -> None:
+    secret = "s3cretPW"
+    url = f"data.root=postgresql://team:{secret}@db/x"  # digits ignores data.root; its value is still recorded
+    single = run_cli(workdir, "trainer.epochs=1", "data.train_subset=64", url)
+    swept = run_cli(workdir, "-m", "trainer.epochs=1", "data.train_subset=64", "hydra.sweeper.n_trials=2", url)
+    assert single.returncode == 0 and swept.returncode == 0, single.stderr[-2000:] + swept.stderr[-2000:]
+    assert secret not in single.stdout + single.stderr + swept.stdout + swept.stderr
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resnet_sweep").experiment_id])
+    assert len(runs) == 4  # the single run, the study's parent and its 2 trials
+    found = []
+    for run in runs:
+        record = f"{run.data.params} {run.data.tags}"
+        found += [f"{run.info.run_id} record"] if secret in record else []
+        local = Path(client.download_artifacts(run.info.run_id, "", str(workdir / "dl" / run.info.run_id)))
+        found += [str(p) for p in local.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    logs = [p for p in (workdir / "outputs").rglob("*") if p.is_file() and ".hydra" not in p.parts]
+    found += [str(p) for p in logs if secret.encode() in p.read_bytes()]
+    assert found == []
+    assert any(secret in p.read_text() for p in (workdir / "outputs").rglob(".hydra/overrides.yaml"))  # the user's
+
+
+BAD_INPUTS = {  # the command's arguments, a file to plant first (name, bytes), words the message must have
+    "invalid depth": (["model.depth=33"], None, ["model.depth=33", "6n+2"]),
+    "no epochs": (["trainer.epochs=0"], None, ["trainer.epochs=0", "> 0"]),
+    "NaN learning rate": (["optimizer.lr=nan"], None, ["optimizer.lr=nan"]),
+    "missing MNIST files": (["data=mnist", "data.download=false"], None, ["train-images-idx3-ubyte", "data=digits"]),
+    "experiment name too long": ([f"tracking.experiment={'x' * 5000}"], None, ["5000 characters", "500"]),
+    "MLflow file not a database": (["trainer.epochs=1"], ("mlflow.db", b"not a database " * 20),
+                                   ["mlflow.db", "not an SQLite database", "tracking.uri"]),
+    "Optuna file not a database": (["-m", "trainer.epochs=1"], ("optuna.db", b"not a database " * 20),
+                                   ["optuna.db", "not an SQLite database", "hydra.sweeper.storage"]),
+    "study name too long": (["-m", f"hydra.sweeper.study_name={'y' * 600}"], None, ["600 characters", "512"]),
+    "invalid depth in a sweep": (["-m", "model.depth=33"], None, ["model.depth=33"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_a_bad_input_is_one_paragraph_exit_2_and_creates_no_run(workdir: Path, case: str) -> None:
+    args, plant, words = BAD_INPUTS[case]
+    if plant:
+        (workdir / plant[0]).write_bytes(plant[1])
+    res = run_cli(workdir, *args)
+    out = (res.stdout + res.stderr).strip()
+    assert res.returncode == 2, out[-3000:]
+    assert out.startswith("Error: ") and len(out.splitlines()) == 1 and "Traceback" not in out, out[-3000:]
+    assert all(w in out for w in words), out
+    if not plant:
+        assert not (workdir / "mlflow.db").exists() and not (workdir / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_a_device_this_machine_lacks_is_a_config_error(workdir: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    res = run_cli(workdir, "trainer.device=cuda")
+    out = (res.stdout + res.stderr).strip()
+    assert res.returncode == 2 and out.startswith("Error: trainer.device=cuda") and len(out.splitlines()) == 1
+    assert "trainer.device=auto" in out and not (workdir / "mlflow.db").exists()

@@ -1,0 +1,94 @@
+"""The databases a sweep shares (Optuna's storage, MLflow's backend): a check that each can be used, run
+before anything is written, and cross-process locks for what the stores' own libraries do not make
+atomic (creating Optuna's schema, a study and its MLflow parent run, a fresh MLflow database; asking a
+trial, since GridSampler reads the cells in use, then claims one).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from resnet_sweep.errors import UserError
+
+
+class StoreError(UserError):
+    """A database that cannot be used as it is; the message names the file, the key and the fix."""
+
+
+def check_store(url: str, key: str) -> None:
+    """Raise StoreError if the SQLite database at `url` (named by config key `key`) is not one, or cannot
+    be written; other stores are left to their own client. Run before any data loads or run is created."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return
+    path = Path(parsed.database)
+    if not path.parent.is_dir():
+        raise StoreError(f"{key}={url}: the folder {path.parent} does not exist; create it or point {key} elsewhere")
+    if not path.exists():
+        try:  # SQLite creates the file and a journal beside it: the folder must take new files
+            probe = path.parent / f".{path.name}.write-check"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"{key}={url}: cannot create {path} ({exc.strerror}); make {path.parent} writable "
+                             f"or point {key} elsewhere") from None
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+            conn.execute("BEGIN IMMEDIATE")  # a write lock: fails on a read-only file or folder
+            conn.rollback()
+    except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc) or "malformed" in str(exc):
+            raise StoreError(f"{key}={url}: {path} is not an SQLite database ({exc}); move it away (a new one is "
+                             f"created) or point {key} at the right file") from None
+        raise StoreError(f"{key}={url}: {path} cannot be written ({exc}); make it and its folder writable "
+                         f"(chmod u+w), or point {key} elsewhere") from None
+
+
+@contextmanager
+def store_lock(url: str, purpose: str = "optuna") -> Iterator[None]:
+    """One process at a time for `purpose` on the store at `url` (two purposes never block each other,
+    even on one database). SQLite: a lock file beside the database; PostgreSQL: an advisory lock (so it
+    holds across machines); other stores: none."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.pool import NullPool
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:  # not a database URL (an MLflow folder, a journal file)
+        parsed = None
+    if parsed is None:
+        yield
+    elif parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        with open(f"{parsed.database}.{purpose}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    elif parsed.get_backend_name() == "postgresql":
+        key = int.from_bytes(hashlib.sha1(f"{purpose} {url}".encode()).digest()[:8], "big", signed=True)
+        engine = create_engine(parsed, poolclass=NullPool)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+    else:
+        yield
