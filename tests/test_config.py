@@ -7,8 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from conftest import CONF, compose_config
-from resnet_sweep.config import ConfigError, to_typed
-from resnet_sweep.models import build_model
+from resnet_sweep.config import ConfigError, to_typed, validate
+from resnet_sweep.models import build_model, weighted_layers
 
 GROUPS = ["model", "data", "optimizer", "scheduler", "trainer", "tracking"]
 
@@ -17,28 +17,34 @@ def presets(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def test_the_issue_named_presets_exist() -> None:
-    expected = {f"{f}{d}" for f in ("resnet", "plain") for d in (20, 32, 44, 56, 110, 18, 34, 50, 101, 152)}
-    assert expected | {"article"} <= set(presets("model"))
-    assert {"digits", "mnist", "fashion_mnist", "cifar10"} <= set(presets("data"))
-    assert {"sgd", "adam", "adamw"} <= set(presets("optimizer"))
-    assert {"none", "multistep", "cosine", "plateau"} <= set(presets("scheduler"))
+def test_the_issue_named_presets_compose_to_what_they_are_named() -> None:
+    for family in ("resnet", "plain"):
+        for depth in (20, 32, 44, 56, 110, 18, 34, 50, 101, 152):
+            m = to_typed(compose_config(f"model={family}{depth}").model)
+            assert (m.family.name, m.depth) == (family, depth)
+    assert to_typed(compose_config("model=article").model).layout.name == "article"
+    for group, names in (("data", ("digits", "mnist", "fashion_mnist", "cifar10")),
+                         ("optimizer", ("sgd", "adam", "adamw")),
+                         ("scheduler", ("none", "multistep", "cosine", "plateau"))):
+        for name in names:
+            assert to_typed(compose_config(f"{group}={name}")[group]).name.name == name
 
 
 @pytest.mark.parametrize("model", presets("model"))
-def test_every_model_preset_composes_and_builds(model: str) -> None:
+def test_every_model_preset_composes_and_builds_its_depth(model: str) -> None:
     cfg = compose_config(f"model={model}")
     m, d = to_typed(cfg.model), to_typed(cfg.data)
     net = build_model(m, d.input_shape, d.num_classes)
-    assert sum(p.numel() for p in net.parameters()) > 0
+    main_path = [name for name, _ in weighted_layers(net) if ".shortcut" not in name]  # as the paper counts
+    assert len(main_path) == m.depth
 
 
-@pytest.mark.parametrize("group", ["data", "optimizer", "scheduler", "trainer", "tracking", "experiment"])
-def test_every_other_preset_composes(group: str) -> None:
+@pytest.mark.parametrize("group", ["data", "optimizer", "scheduler", "trainer", "tracking", "experiment", "pruner",
+                                   "search", "workers"])
+def test_every_other_preset_composes_and_validates(group: str) -> None:
     for name in presets(group):
-        cfg = compose_config(f"{group}={name}")
-        for g in ("model", "data", "optimizer", "scheduler", "trainer"):
-            to_typed(cfg[g])
+        # the store paths interpolate Hydra's run-time folder, which only a real run has
+        validate(compose_config(f"{group}={name}", "tracking.uri=sqlite:////tmp/m.db", "tracking.artifact_location=/tmp"))
 
 
 def test_unknown_key_fails_at_composition() -> None:

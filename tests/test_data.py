@@ -21,6 +21,10 @@ def test_digits_split_is_seeded_and_disjoint() -> None:
     other = load(DataConfig(val_fraction=0.1, split_seed=1), CPU)
     assert not torch.equal(a.val.x, other.val.x)
     assert torch.equal(a.test.x, other.test.x)  # the test set never moves
+    # disjoint: the validation images are not among the training images (digits has no duplicates to blur this)
+    train_rows = {row.numpy().tobytes() for row in a.train.x.flatten(1)}
+    assert not any(row.numpy().tobytes() in train_rows for row in a.val.x.flatten(1))
+    assert len(train_rows) == len(a.train)
     # normalised with the preset's statistics: roughly zero mean, unit std
     assert abs(a.train.x.mean().item()) < 0.1 and abs(a.train.x.std().item() - 1) < 0.1
 
@@ -56,6 +60,14 @@ def test_fashion_mnist_loads_from_debians_package(tmp_path: Path) -> None:
     d = load(cfg, CPU)
     assert (len(d.train), len(d.val), len(d.test)) == (1000, 6000, 10000)
     assert set(d.test.y.tolist()) == set(range(10))
+
+
+def test_the_flip_mirrors_left_and_right_only() -> None:
+    x = torch.randn(64, 3, 8, 8)
+    out = pad_crop_flip(x, torch.Generator().manual_seed(0), pad=0)  # no shift: each image is kept or mirrored
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]  # along the width: left <-> right
+    assert all(k or m for k, m in zip(kept, mirrored)) and 16 < sum(mirrored) < 48
 
 
 def test_pad_crop_flip_keeps_shape_and_content_scale() -> None:

@@ -14,8 +14,8 @@ from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, 
 DATA = load(DataConfig(train_subset=512), torch.device("cpu"))
 
 
-def train(epochs: int = 3, lr: float = 0.05, **trainer) -> tuple[torch.nn.Module, dict[str, float]]:
-    generator = seed_everything(0)
+def train(epochs: int = 3, lr: float = 0.05, seed: int = 0, **trainer) -> tuple[torch.nn.Module, dict[str, float]]:
+    generator = seed_everything(seed)
     model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
     if trainer.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -29,8 +29,10 @@ def test_it_learns_and_reports_every_metric() -> None:
     assert {"train_loss", "val_loss", "val_acc", "lr", "epoch_seconds", "samples_per_s", "test_loss"} <= set(metrics)
 
 
-def test_same_seed_same_result() -> None:
-    assert train(epochs=1)[1]["train_loss"] == train(epochs=1)[1]["train_loss"]
+def test_same_seed_same_result_and_another_seed_another() -> None:
+    first = train(epochs=1)[1]["train_loss"]
+    assert train(epochs=1)[1]["train_loss"] == first
+    assert train(epochs=1, seed=1)[1]["train_loss"] != first
 
 
 @pytest.mark.parametrize("trainer", [{"precision": Precision.bf16}, {"channels_last": True}])
