@@ -1,5 +1,5 @@
-"""Optuna trials as a sweep and its jobs share them, across any number of processes: the storage, a lock
-per study, interrupted trials retried, and a job's handle on its own trial (heartbeat, pruning, result).
+"""Optuna trials as a sweep and its jobs share them, across any number of processes: the storage,
+interrupted trials retried, and a job's handle on its own trial (heartbeat, pruning, result).
 
 Who writes what: the sweeping process asks trials and launches jobs; each job tells its own trial's
 result (so a result survives whatever happens to the process that launched it). A trial stopped from
@@ -36,7 +36,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int,
                  on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> Any:
     """Optuna's RDB storage for `url`, with heartbeats (a RUNNING trial silent for grace_period seconds is
     stale) and, for SQLite, a busy timeout so parallel workers wait for each other instead of failing.
-    The first opening creates Optuna's schema: do that under locks.store_lock (two processes at once collide)."""
+    The first opening creates Optuna's schema: do that under stores.store_lock (two processes at once collide)."""
     if not isinstance(url, str) or url.startswith("journal"):
         return url
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -183,8 +183,8 @@ class JobTrial:
     def finish(self, value: float) -> None:
         """Tell the trial's result: PRUNED if the pruner stopped it, FAIL for a non-finite objective (never a
         result: NaN would be a trial's value, inf the best one), else COMPLETE."""
-        if "pruned_at_epoch" in self.attrs:
-            end(self.study, self.number, TrialState.PRUNED)
+        if "pruned_at_epoch" in self.attrs:  # valued, as study.tell values it: the last reported objective
+            end(self.study, self.number, TrialState.PRUNED, [float(value)] if math.isfinite(float(value)) else None)
         elif value is None or not math.isfinite(float(value)):
             end(self.study, self.number, TrialState.FAIL, reason=self.attrs.get("fail_reason") or f"objective was {value}")
         else:
