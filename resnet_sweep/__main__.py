@@ -20,7 +20,7 @@ from omegaconf import DictConfig, open_dict
 
 from resnet_sweep import data as datasets
 from resnet_sweep import tracking
-from resnet_sweep.config import Config, validate
+from resnet_sweep.config import SCHEDULER_SETTINGS, Config, Metric, settings, validate
 from resnet_sweep.data import probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.errors import UserError, exit_with
@@ -155,7 +155,8 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
             best = Path(hc.runtime.output_dir) / "best.pt" if conf.trainer.save_best else None
             try:
                 metrics = fit(train_model, data, opt, scheduler, conf.trainer, generator, augment=conf.data.augment,
-                              monitor=conf.scheduler.monitor.name, best_checkpoint=best, gradients=gradients,
+                              monitor=settings(conf.scheduler, SCHEDULER_SETTINGS).get("monitor", Metric.val_loss).name,
+                              best_checkpoint=best, gradients=gradients,
                               on_epoch=on_epoch)
             except Pruned as pruned:
                 # the run ends normally, tagged with where it stopped; the trial is told PRUNED

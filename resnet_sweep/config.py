@@ -100,35 +100,72 @@ class DataConfig:
                f"data.train_subset={self.train_subset} must be a positive count or null (all)")
 
 
+# The settings each optimizer and scheduler takes, with the value used when a preset leaves one out
+# (lr and weight_decay: every optimizer). Any other setting given is an error, never silently dropped.
+# Adding an optimizer: its name in OptimizerName, its settings here, a branch in train.build_optimizer,
+# a preset in conf/optimizer/.
+OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.9, "nesterov": False},  # He et al. 2015's momentum
+    "adam": {"betas": [0.9, 0.999]},
+    "adamw": {"betas": [0.9, 0.999]},
+}
+SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "multistep": {"milestones": [0.5, 0.75], "gamma": 0.1},
+    "cosine": {"min_lr": 0.0},
+    "plateau": {"factor": 0.1, "patience": 5, "min_lr": 0.0, "monitor": Metric.val_loss},
+}
+
+
+def settings(node: Any, table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The settings `node`'s choice takes, as given, else its default from `table`."""
+    own = table[node.name.name]
+    return {k: default if getattr(node, k) is None else getattr(node, k) for k, default in own.items()}
+
+
+def _own_settings_only(group: str, node: Any, table: dict[str, dict[str, Any]]) -> None:
+    """Reject settings that `node`'s choice does not take."""
+    name = node.name.name
+    own = table[name]
+    takes = [*(("lr", "weight_decay") if group == "optimizer" else ()), *own]
+    for key in sorted({k for settings in table.values() for k in settings} - set(own)):
+        value = getattr(node, key)
+        _check(value is None, f"{group}.{key}={getattr(value, 'name', value)} does nothing for {group}.name={name}, "
+                              f"which takes {', '.join(takes) or 'no settings'}: drop it, or choose a {group} "
+                              f"that takes it")
+
+
 @dataclass
 class OptimizerConfig:
     name: OptimizerName = OptimizerName.sgd
     lr: float = 0.1
     weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    momentum: Optional[float] = None  # sgd
+    nesterov: Optional[bool] = None  # sgd
+    betas: Optional[list[float]] = None  # adam, adamw
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (e.g. 0.1 for sgd, 1e-3 for adam)")
         _check(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
-        _check(0 <= self.momentum < 1, f"optimizer.momentum={self.momentum} must be in [0, 1)")
+        _own_settings_only("optimizer", self, OPTIMIZER_SETTINGS)
+        _check(self.momentum is None or 0 <= self.momentum < 1, f"optimizer.momentum={self.momentum} must be in [0, 1)")
 
 
 @dataclass
 class SchedulerConfig:
     name: SchedulerName = SchedulerName.none
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # multistep: fractions of the epochs
-    gamma: float = 0.1  # multistep: lr factor at each milestone
-    factor: float = 0.1  # plateau: lr factor when the monitored metric stalls
-    patience: int = 5  # plateau: epochs without improvement before lowering the lr
-    min_lr: float = 0.0  # cosine floor and plateau floor
-    monitor: Metric = Metric.val_loss  # plateau: the metric it watches (loss: lower is better)
+    milestones: Optional[list[float]] = None  # multistep: fractions of the epochs
+    gamma: Optional[float] = None  # multistep: lr factor at each milestone
+    factor: Optional[float] = None  # plateau: lr factor when the monitored metric stalls
+    patience: Optional[int] = None  # plateau: epochs without improvement before lowering the lr
+    min_lr: Optional[float] = None  # cosine floor and plateau floor
+    monitor: Optional[Metric] = None  # plateau: the metric it watches (loss: lower is better)
 
     def __post_init__(self) -> None:
-        _check(all(0 < m < 1 for m in self.milestones),
+        _own_settings_only("scheduler", self, SCHEDULER_SETTINGS)
+        _check(self.milestones is None or all(0 < m < 1 for m in self.milestones),
                f"scheduler.milestones={self.milestones} must be fractions of the training in (0, 1)")
-        _check(self.monitor.name not in ("test_acc", "test_loss"),
+        _check(self.monitor is None or self.monitor.name not in ("test_acc", "test_loss"),
                "scheduler.monitor may not watch the test set; use val_loss, val_acc, train_loss or train_acc")
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resnet_sweep.config import ConfigError, OptimizerConfig, SchedulerConfig, TrainerConfig
+from resnet_sweep.config import (OPTIMIZER_SETTINGS, SCHEDULER_SETTINGS, ConfigError, OptimizerConfig, SchedulerConfig,
+                                  TrainerConfig, settings)
 from resnet_sweep.data import Data, Split, batches, pad_crop_flip
 from resnet_sweep.diagnostics import GradientNorms
 
@@ -74,26 +75,26 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    name = cfg.name.name
+    name, own = cfg.name.name, settings(cfg, OPTIMIZER_SETTINGS)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=own["momentum"], nesterov=own["nesterov"],
                                weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
+    return cls(params, lr=cfg.lr, betas=tuple(own["betas"]), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int):  # noqa: ANN201
     """A torch scheduler stepped once per epoch (None for a constant lr)."""
-    name = cfg.name.name
+    name, own = cfg.name.name, settings(cfg, SCHEDULER_SETTINGS)
     if name == "multistep":
-        milestones = sorted({max(1, round(m * epochs)) for m in cfg.milestones})
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=cfg.gamma)
+        milestones = sorted({max(1, round(m * epochs)) for m in own["milestones"]})
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=own["gamma"])
     if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=cfg.min_lr)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=own["min_lr"])
     if name == "plateau":
-        mode = "min" if cfg.monitor.name.endswith("loss") else "max"
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=cfg.factor,
-                                                          patience=cfg.patience, min_lr=cfg.min_lr)
+        mode = "min" if own["monitor"].name.endswith("loss") else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=own["factor"],
+                                                          patience=own["patience"], min_lr=own["min_lr"])
     return None
 
 

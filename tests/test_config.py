@@ -77,11 +77,29 @@ def test_unknown_choice_names_the_available_ones() -> None:
     ("optimizer.lr=-0.1", ["optimizer.lr", "> 0"]),
     ("data.val_fraction=1.5", ["val_fraction"]),
     ("trainer.device=tpu", ["cuda", "cpu"]),
+    # each optimizer and scheduler takes only its own settings, and says which those are
+    ("optimizer=adam optimizer.momentum=0.5", ["optimizer.momentum=0.5", "adam", "lr, weight_decay, betas"]),
+    ("optimizer=sgd optimizer.betas=[0.9,0.99]", ["optimizer.betas", "momentum, nesterov"]),
+    ("scheduler=cosine scheduler.patience=3", ["scheduler.patience=3", "cosine", "takes min_lr"]),
+    ("scheduler=none scheduler.monitor=train_loss", ["scheduler.monitor=train_loss", "no settings"]),
 ])
 def test_invalid_values_fail_validation_naming_the_fix(override: str, words: list[str]) -> None:
     cfg = compose_config(*override.split())
     with pytest.raises(ConfigError) as err:
-        for g in ("model", "data", "optimizer", "trainer"):
+        for g in ("model", "data", "optimizer", "scheduler", "trainer"):
             to_typed(cfg[g])
     for w in words:
         assert w in str(err.value)
+
+
+def test_a_setting_a_preset_leaves_out_takes_its_documented_default() -> None:
+    import torch
+
+    from resnet_sweep.config import OptimizerConfig, OptimizerName
+    from resnet_sweep.train import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    sgd = build_optimizer(params, OptimizerConfig(name=OptimizerName.sgd, lr=0.1))
+    adam = build_optimizer(params, OptimizerConfig(name=OptimizerName.adam, lr=0.1))
+    assert (sgd.defaults["momentum"], sgd.defaults["nesterov"]) == (0.9, False)
+    assert adam.defaults["betas"] == (0.9, 0.999)
