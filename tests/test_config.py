@@ -103,3 +103,16 @@ def test_a_setting_a_preset_leaves_out_takes_its_documented_default() -> None:
     adam = build_optimizer(params, OptimizerConfig(name=OptimizerName.adam, lr=0.1))
     assert (sgd.defaults["momentum"], sgd.defaults["nesterov"]) == (0.9, False)
     assert adam.defaults["betas"] == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("objective,direction,ok", [("val_acc", "maximize", True), ("val_acc", "minimize", False),
+                                                    ("val_loss", "minimize", True), ("train_loss", "maximize", False)])
+def test_a_sweep_direction_must_match_its_objective(objective: str, direction: str, ok: bool) -> None:
+    cfg = compose_config(f"objective={objective}", "tracking.uri=sqlite:////tmp/m.db", "tracking.artifact_location=/tmp")
+    if ok:
+        validate(cfg, sweep_direction=direction)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, sweep_direction=direction)
+    wanted = "minimize" if objective.endswith("loss") else "maximize"
+    assert f"set hydra.sweeper.direction={wanted}" in str(err.value)

@@ -320,6 +320,23 @@ def test_pruned_trials_are_pruned_in_optuna_and_tagged_in_mlflow(workdir: Path) 
         assert int(run.data.tags["pruned_at_epoch"]) < 5
 
 
+@pytest.mark.parametrize("pruner", ["hyperband", "successive_halving"])
+def test_the_bracket_pruners_prune_through_the_jobs_reports(workdir: Path, pruner: str) -> None:
+    res = run_cli(workdir, "-m", "workers=serial", f"pruner={pruner}", "trainer.epochs=4", "data.train_subset=128",
+                  "search=none", "hydra/sweeper/sampler=grid", "optimizer.lr=choice(0.05,1e-6)", "seed=choice(0,1,2)",
+                  "hydra.sweeper.pruner.min_resource=1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    trials = study(workdir).trials
+    assert len(trials) == 6 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert all(len(t.intermediate_values) >= 1 for t in trials)  # every job reported its epochs
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned and all(max(t.intermediate_values) < 4 for t in pruned)  # stopped before the last epoch
+    assert any(t.state.name == "COMPLETE" for t in trials if t.params["optimizer.lr"] == 0.05)
+    (parent,) = parent_runs(workdir)
+    assert parent.data.params["pruner"] == {"hyperband": "HyperbandPruner",
+                                            "successive_halving": "SuccessiveHalvingPruner"}[pruner]
+
+
 def test_seed_repeats_average_outside_the_search_space(workdir: Path) -> None:
     res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=1", "sweep.seeds=2")
     assert res.returncode == 0, res.stderr[-3000:]

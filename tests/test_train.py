@@ -9,7 +9,7 @@ from resnet_sweep.config import (DataConfig, ModelConfig, Norm, OptimizerConfig,
                                  SchedulerName, TrainerConfig)
 from resnet_sweep.data import load
 from resnet_sweep.models import build_model
-from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, seed_everything
+from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, evaluate, fit, seed_everything
 
 DATA = load(DataConfig(train_subset=512), torch.device("cpu"))
 
@@ -35,7 +35,8 @@ def test_same_seed_same_result_and_another_seed_another() -> None:
     assert train(epochs=1, seed=1)[1]["train_loss"] != first
 
 
-@pytest.mark.parametrize("trainer", [{"precision": Precision.bf16}, {"channels_last": True}])
+@pytest.mark.parametrize("trainer", [{"precision": Precision.bf16}, {"precision": Precision.fp16},
+                                     {"channels_last": True}])
 def test_fast_paths_still_learn_on_the_cpu(trainer: dict) -> None:
     _, metrics = train(**trainer)
     assert metrics["train_acc"] > 0.7 and torch.isfinite(torch.tensor(metrics["train_loss"]))
@@ -62,3 +63,37 @@ def test_multistep_milestones_are_fractions_of_the_epochs() -> None:
         opt.step()
         sched.step()
     assert lrs[9] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.01) and lrs[15] == pytest.approx(0.001)
+
+
+def test_fp16_scales_its_loss() -> None:
+    scaled = []
+    original = torch.amp.GradScaler.scale
+
+    def spy(self, outputs):  # noqa: ANN001, ANN202
+        scaled.append(self.get_scale())
+        return original(self, outputs)
+
+    torch.amp.GradScaler.scale = spy
+    try:
+        train(epochs=1, precision=Precision.fp16)
+    finally:
+        torch.amp.GradScaler.scale = original
+    assert len(scaled) == 8 and scaled[0] > 1  # every step of 512 / 64, with a loss scale against underflow
+
+
+def test_save_best_tests_the_best_validation_epoch_not_the_last(tmp_path) -> None:  # noqa: ANN001
+    generator = seed_everything(0)
+    model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
+    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=0.5))  # a high lr: val_acc goes up and down
+    states, accs = [], []
+
+    def on_epoch(metrics: dict[str, float], epoch: int) -> None:
+        accs.append(metrics["val_acc"])
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    metrics = fit(model, DATA, opt, None, TrainerConfig(epochs=6, batch_size=64), generator, on_epoch=on_epoch,
+                  best_checkpoint=tmp_path / "best.pt")
+    best = max(range(len(accs)), key=lambda i: accs[i])  # the first epoch with the highest val_acc
+    assert best != len(accs) - 1 or accs.count(accs[best]) > 1, "pick an lr whose last epoch is not the best"
+    assert all(torch.equal(v, states[best][k]) for k, v in model.state_dict().items())
+    assert metrics["test_acc"] == evaluate(model, DATA.test, 1024)[1]
