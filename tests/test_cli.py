@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,8 @@ def test_a_diverging_run_is_failed_with_its_reason(workdir: Path) -> None:
     assert res.returncode != 0
     (run,) = runs(workdir)
     assert run.info.status == "FAILED"
-    assert "non-finite training loss" in run.data.tags["failure_reason"]
+    # which loss overflows first (training or validation) depends on the CPU's arithmetic
+    assert re.search(r"non-finite (training|validation) loss", run.data.tags["failure_reason"])
     assert "epoch 2/2" not in res.stderr + res.stdout  # it did not train on
 
 
