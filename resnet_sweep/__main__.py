@@ -26,6 +26,7 @@ from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.lesion import lesion_study
 from resnet_sweep.models import build_model, count_parameters, removable_blocks
+from resnet_sweep.presets import register
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 from resnet_sweep.trials import JobTrial, Pruned
@@ -37,7 +38,10 @@ log = logging.getLogger("resnet_sweep")
 FAULT_SIGKILL_SEED = "RESNET_SWEEP_TEST_SIGKILL_SEED"
 
 
-@hydra.main(config_path="../conf", config_name="config")
+register()  # the typed schema that conf/config.yaml names as `base_config`
+
+
+@hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
         return run(cfg)

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -37,7 +36,7 @@ from resnet_sweep.config import DataConfig, DatasetName, TrainerConfig, to_typed
 from resnet_sweep.data import Data, DataUnavailable, Split, load_arrays
 from resnet_sweep.diagnostics import GradientNorms
 from resnet_sweep.models import build_model, count_parameters
-from resnet_sweep.summary import CONF_DIR
+from resnet_sweep.presets import compose
 from resnet_sweep.train import autocast, fit, resolve_device, seed_everything
 
 MNIST_SHAPE = (1, 28, 28)
@@ -168,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-article", action="store_true", help="skip loop (a), the slowest to time")
     args, overrides = parser.parse_known_args(argv)
-    with initialize_config_dir(config_dir=str(CONF_DIR), job_name="bench"):
-        cfg = compose("config", overrides=["model=article", "trainer.batch_size=32", *overrides])
+    cfg = compose(["model=article", "trainer.batch_size=32", *overrides], job_name="bench")
     model_cfg, trainer = to_typed(cfg.model), to_typed(cfg.trainer)
     if args.threads:
         torch.set_num_threads(args.threads)

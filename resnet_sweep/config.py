@@ -1,6 +1,6 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
-The YAML presets in conf/ extend these dataclasses, so an unknown key, a wrong type or an unknown enum
+Plain dataclasses, free of Hydra (presets.py registers them there). The YAML presets in conf/ extend them, so an unknown key, a wrong type or an unknown enum
 value fails when Hydra composes the config; values that a type cannot express (a depth that is not
 6n+2, a negative learning rate) are checked in `__post_init__`, which runs when the task turns the
 composed config into these objects, before any data is loaded or any run is recorded.
@@ -13,7 +13,6 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
 
 from resnet_sweep.errors import UserError
@@ -278,15 +277,3 @@ def short_hash(value: Any) -> str:
     if isinstance(value, (list, tuple, ListConfig)):
         value = sorted(str(v) for v in value)
     return hashlib.sha1(str(value).encode()).hexdigest()[:8]
-
-
-def register() -> None:
-    import resnet_sweep.sweeper  # noqa: F401  (registers hydra/sweeper=resnet_optuna)
-
-    if not OmegaConf.has_resolver("short_hash"):
-        OmegaConf.register_resolver("short_hash", short_hash)
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-
-
-register()

@@ -9,14 +9,28 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from resnet_sweep.config import ModelConfig
+
+
+class ModelConfig(Protocol):
+    """What a net is built from: config.ModelConfig has these fields (enums or their names), but models
+    do not import config, so the dependency runs one way (config -> models)."""
+
+    family: Any  # plain | resnet
+    layout: Any  # cifar | imagenet | article
+    depth: int
+    activation: Any  # a key of ACTIVATIONS
+    norm: Any  # batch | none
+    shortcut: Any  # A | B
+    preactivation: bool
+    init: Any  # kaiming | xavier | normal | torch
+    init_std: float
+    stem: Any  # auto | small | large
 
 # The one place to add an activation: config.Activation is made from these keys.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -260,6 +274,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             if scheme == "kaiming":
+                if isinstance(m, nn.Linear):
+                    continue  # as torchvision's ResNets: the classifier keeps PyTorch's default init
                 # He et al. 2015b ("Delving deep into rectifiers"), fan_out as torchvision: keeps the
                 # gradient's variance through the backward pass of ReLU nets.
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -7,21 +7,15 @@ preset's input shape, prints torchinfo's layer table and a last line `params: <N
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-from hydra import compose, initialize_config_dir
 from torchinfo import summary
 
 from resnet_sweep.config import to_typed
 from resnet_sweep.models import build_model, count_parameters
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
+from resnet_sweep.presets import compose
 
 def main(argv: list[str] | None = None) -> int:
     overrides = sys.argv[1:] if argv is None else argv
-    with initialize_config_dir(config_dir=str(CONF_DIR), job_name="summary"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose(overrides, job_name="summary")
     model_cfg, data_cfg = to_typed(cfg.model), to_typed(cfg.data)
     model = build_model(model_cfg, data_cfg.input_shape, data_cfg.num_classes)
     print(summary(model, input_size=(1, *data_cfg.input_shape), depth=3, verbose=0,

@@ -8,12 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-
-import resnet_sweep.config  # noqa: F401  (registers the typed schema that conf/config.yaml extends)
+from resnet_sweep import presets
 
 ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
 
 
 def run_cli(cwd: Path, *args: str, module: str = "resnet_sweep", timeout: int = 600) -> subprocess.CompletedProcess:
@@ -24,8 +21,7 @@ def run_cli(cwd: Path, *args: str, module: str = "resnet_sweep", timeout: int = 
 
 
 def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), job_name="test"):
-        return compose("config", overrides=list(overrides))
+    return presets.compose(list(overrides), job_name="test")
 
 
 @pytest.fixture

@@ -6,9 +6,11 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
-from conftest import CONF, compose_config
+from conftest import compose_config
+
 from resnet_sweep.config import ConfigError, to_typed, validate
 from resnet_sweep.models import build_model, weighted_layers
+from resnet_sweep.presets import CONF_DIR as CONF
 
 GROUPS = ["model", "data", "optimizer", "scheduler", "trainer", "tracking"]
 

@@ -1,0 +1,48 @@
+"""Hydra's side of the configs: the presets inside the package, the typed schema and resolver they need, composing.
+
+config.py holds the schema as plain dataclasses (models, data and train import it without Hydra); this
+module registers it in Hydra's ConfigStore, for the CLI and for the tools that compose a preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import DictConfig, OmegaConf
+
+from resnet_sweep.config import Config, short_hash
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+USER_PRESETS = "presets"  # a folder of the user's own presets, looked up in the folder a command runs from
+
+
+class UserPresets(SearchPathPlugin):
+    """`presets/<group>/<name>.yaml` in the current folder composes as `<group>=<name>`, beside ours.
+
+    Our own because `hydra.searchpath: [file://presets]` in config.yaml warns on every run in a folder that
+    has none; this adds the folder only where it exists. Registered as a Hydra plugin in pyproject.toml.
+    """
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        folder = Path(USER_PRESETS)
+        if folder.is_dir():
+            search_path.append(provider="resnet_sweep-user-presets", path=f"file://{folder.resolve()}")
+
+
+def register() -> None:
+    """The typed schema (`base_config` in conf/config.yaml's defaults) and the `short_hash` resolver."""
+    if not OmegaConf.has_resolver("short_hash"):
+        OmegaConf.register_resolver("short_hash", short_hash)
+    ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def compose(overrides: list[str], job_name: str) -> DictConfig:
+    """The config `python -m resnet_sweep <overrides>` would train, for tools that do not train it."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), job_name=job_name):
+        return hydra_compose("config", overrides=overrides)
