@@ -47,3 +47,20 @@ def test_the_optuna_plugin_still_offers_the_private_api_our_sweeper_uses() -> No
                       "config", "launcher"):
         assert f"self.{attribute} =" in source or f"self.{attribute}:" in source, \
             f"hydra-optuna-sweeper {version}: OptunaSweeperImpl no longer sets self.{attribute}"
+
+
+@pytest.mark.parametrize(("module", "says"), [
+    ("resnet_sweep", ["-m", "experiment=degradation", "resnet_sweep.report", "resnet_sweep.summary",
+                      "Config groups", "model: article", "mlflow.db", "presets"]),
+    ("resnet_sweep.report", ["--uri", "--run", "--out"]),
+    ("resnet_sweep.summary", ["overrides", "model=resnet56"]),
+    ("resnet_sweep.bench", ["--steps", "--threads"]),
+])
+def test_every_cli_answers_help_with_what_it_does(module: str, says: list[str], tmp_path) -> None:  # noqa: ANN001
+    res = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    for text in says:
+        assert text in res.stdout, f"{module} --help does not mention {text!r}"
+    assert not list(tmp_path.iterdir()), "--help wrote files"
