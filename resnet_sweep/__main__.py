@@ -30,7 +30,7 @@ from resnet_sweep.presets import register
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 from resnet_sweep.trials import JobTrial, Pruned
-from resnet_sweep.workers import install_sigterm_handler, job_in_progress
+from resnet_sweep.workers import cores, install_sigterm_handler, job_in_progress
 
 log = logging.getLogger("resnet_sweep")
 # A fault for tests only, off unless this variable is set: a job training with this seed SIGKILLs its own
@@ -60,8 +60,9 @@ def run(cfg: DictConfig) -> float:
     if conf.tracking.enabled and not sweeping:  # a sweep checked its stores before it launched this job
         check_store(conf.tracking.uri, "tracking.uri")
     install_sigterm_handler()  # SIGTERM ends the run KILLED (and its trial FAIL) instead of vanishing
-    if conf.trainer.threads:
-        torch.set_num_threads(conf.trainer.threads)
+    threads = conf.trainer.threads or (worker_threads(hc) if sweeping else None)
+    if threads:
+        torch.set_num_threads(threads)
     # a job in a sweep's worker process ends with the sweep, and then ends the dead sweep's parent run too
     with job_in_progress(lambda why: tracking.end_study_run(cfg, "KILLED", why) if sweeping else None):
         # the storage comes from the sweeper's own config, not an override, so its password stays out of records
@@ -80,6 +81,14 @@ def run(cfg: DictConfig) -> float:
             if trial is not None:
                 trial.close()
     return objective
+
+
+def worker_threads(hc: DictConfig) -> int | None:
+    """Torch threads for a job in a parallel worker: the cores shared out among the workers (one each when
+    there is a worker per core); None (torch's default, every core) for the serial and cluster launchers."""
+    if hc.runtime.choices.get("hydra/launcher") != "joblib":
+        return None
+    return max(1, cores() // max(1, int(hc.launcher.n_jobs)))
 
 
 def train_seeds(cfg: DictConfig, conf: Config, trial: JobTrial | None, sweeping: bool) -> float:
@@ -137,7 +146,8 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
             if trial is not None and reports:
                 trial.set(mlflow_run_id=run_id, job_dir=str(hc.runtime.output_dir))
             if run is not None:
-                run.log_params({"model.num_parameters": n_params, "device": device})
+                run.log_params({"model.num_parameters": n_params, "device": device,
+                                "torch.threads": torch.get_num_threads()})
             if gradients is not None:
                 x, y = probe_batch(data.train, conf.trainer.grad_probe_size, conf.data.split_seed)
                 at_init = gradients.at_init(model, x, y)

@@ -16,6 +16,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_sweep.config import Config, short_hash
+from resnet_sweep.workers import cores
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 USER_PRESETS = "presets"  # a folder of the user's own presets, looked up in the folder a command runs from
@@ -35,9 +36,12 @@ class UserPresets(SearchPathPlugin):
 
 
 def register() -> None:
-    """The typed schema (`base_config` in conf/config.yaml's defaults) and the `short_hash` resolver."""
+    """The typed schema (`base_config` in conf/config.yaml's defaults) and our resolvers: `short_hash` (study
+    names) and `cores` (the CPU cores this process may use: the joblib workers' default number)."""
     if not OmegaConf.has_resolver("short_hash"):
         OmegaConf.register_resolver("short_hash", short_hash)
+    if not OmegaConf.has_resolver("cores"):
+        OmegaConf.register_resolver("cores", cores)
     ConfigStore.instance().store(name="base_config", node=Config)
 
 

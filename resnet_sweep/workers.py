@@ -87,3 +87,11 @@ def watch_sweeper() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="watch-sweeper").start()
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1

@@ -14,6 +14,8 @@ import pytest
 from conftest import run_cli
 from mlflow import MlflowClient
 
+from resnet_sweep.workers import cores
+
 pytestmark = pytest.mark.slow
 QUICK = ("trainer.epochs=2", "data.train_subset=256")
 
@@ -53,6 +55,18 @@ def test_a_run_is_recorded_in_mlflow(workdir: Path) -> None:
     assert [p.name for p in workdir.rglob("mlflow.db")] == ["mlflow.db"]
 
 
+def test_a_single_run_trains_with_every_core_and_sweep_workers_share_them(workdir: Path) -> None:
+    res = run_cli(workdir, "trainer.epochs=1", "data.train_subset=64", threads=None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = runs(workdir)
+    assert run.data.params["torch.threads"] == str(cores())
+    res = run_cli(workdir, "-m", "trainer.epochs=1", "data.train_subset=64", "hydra.sweeper.n_trials=2",
+                  "hydra.launcher.n_jobs=1", threads=None)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # one joblib worker has every core to itself
+    assert sorted(r.data.params["torch.threads"] for r in runs(workdir)) == [str(cores())] * 3
+
+
 def test_a_two_trial_sweep_fills_optuna_and_mlflow(workdir: Path) -> None:
     res = run_cli(workdir, "-m", *QUICK, "hydra.sweeper.n_trials=2")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -62,6 +76,8 @@ def test_a_two_trial_sweep_fills_optuna_and_mlflow(workdir: Path) -> None:
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     recorded = runs(workdir)
     assert len(recorded) == 2 and {r.info.status for r in recorded} == {"FINISHED"}
+    # a joblib worker per core (the default), one torch thread each
+    assert {r.data.params["torch.threads"] for r in recorded} == {"1"}
     values = sorted(r.data.metrics["val_acc"] for r in recorded)
     assert sorted(t.value for t in study.trials) == pytest.approx(values)
     assert list(workdir.glob("outputs/multiruns/*/*/optimization_results.yaml"))
