@@ -30,7 +30,7 @@ from resnet_sweep.presets import register
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 from resnet_sweep.trials import JobTrial, Pruned
-from resnet_sweep.workers import cores, install_sigterm_handler, job_in_progress
+from resnet_sweep.workers import cores, install_sigterm_handler, job_in_progress, label_logs
 
 log = logging.getLogger("resnet_sweep")
 # A fault for tests only, off unless this variable is set: a job training with this seed SIGKILLs its own
@@ -60,6 +60,7 @@ def run(cfg: DictConfig) -> float:
     if conf.tracking.enabled and not sweeping:  # a sweep checked its stores before it launched this job
         check_store(conf.tracking.uri, "tracking.uri")
     install_sigterm_handler()  # SIGTERM ends the run KILLED (and its trial FAIL) instead of vanishing
+    label_logs(f"[trial {conf.sweep.trial}] " if sweeping and conf.sweep.trial is not None else "")
     threads = conf.trainer.threads or (worker_threads(hc) if sweeping else None)
     if threads:
         torch.set_num_threads(threads)

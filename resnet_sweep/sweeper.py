@@ -174,6 +174,8 @@ class _Impl(OptunaSweeperImpl):
                  tracking.safe_url(str(self.storage)), len(counted(study.trials)), self.n_trials)
         if type(self.launcher).__name__ in LOCAL_WORKERS:
             os.environ[SWEEPER_PID_ENV] = str(os.getpid())
+        self._started, self._done_here = time.monotonic(), 0  # for the progress lines' time left
+        self._objective = getattr(self.config.get("objective"), "name", self.config.get("objective", "objective"))
         try:
             self._run(study, storage, space, fixed, fixed_overrides)
             self._finish(study, parent)
@@ -270,6 +272,26 @@ class _Impl(OptunaSweeperImpl):
             stop_beat()
         for trial, ret in zip(batch, returns):
             self._settle(study, trial.number, ret)
+            self._progress(study, trial.number)
+
+    def _progress(self, study: optuna.Study, number: int) -> None:
+        """One line per finished trial: its result, how far the study is, the best so far, time left."""
+        all_trials = study.get_trials(deepcopy=False)
+        trial = next(t for t in all_trials if t.number == number)
+        done = counted(all_trials)
+        self._done_here += 1
+        states = ", ".join(f"{n} {s.name}" for s in trials.FINISHED if (n := sum(t.state == s for t in done)))
+        elapsed = time.monotonic() - self._started
+        left = max(self.n_trials - len(done), 0)
+        eta = f", about {_duration(elapsed / self._done_here * left)} left" if left else ""
+        result = trial.state.name if trial.value is None else f"{trial.state.name}, {self._objective} {trial.value:.4g}"
+        if trials.interrupted([trial]):
+            result = "interrupted (to run again)"
+        best = ""
+        if len(self._get_directions()) == 1 and any(t.state == TrialState.COMPLETE for t in all_trials):
+            best = f" | best {study.best_trial.value:.4g} (trial {study.best_trial.number})"
+        log.info("trial %d: %s | %d of %d trials done (%s)%s | %s elapsed%s", number, result, len(done),
+                 self.n_trials, states or "none counted", best, _duration(elapsed), eta)
 
     def _settle(self, study: optuna.Study, number: int, ret: JobReturn) -> None:
         """A job's trial that its job left RUNNING (it failed before it could tell, or tells no result)."""
@@ -359,6 +381,14 @@ class _Impl(OptunaSweeperImpl):
         OmegaConf.save(OmegaConf.create(results), path)
         log.info("Trials: %s; results in %s", counts, path)
         parent.finish(results, self.config, results_file=path)
+
+
+def _duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _override(key: str, value: str) -> str:

@@ -166,13 +166,17 @@ def end_study_run(cfg: DictConfig, status: str, reason: str) -> None:
             client.set_terminated(run_id, status)
 
 
+_masking: list[bool] = []  # installed once per process (another factory may be installed over ours)
+
+
 def mask_passwords_in_logs() -> None:
     """Mask URL passwords in every log line of this process, console and Hydra's log files alike: Hydra
     logs each job's overrides, which may carry a database URL. Done where records are made, since the
     launchers reconfigure logging (and its handlers) on every launch."""
-    make = logging.getLogRecordFactory()
-    if getattr(make, "masks_passwords", False):
+    if _masking:
         return
+    _masking.append(True)
+    make = logging.getLogRecordFactory()
 
     def masked(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make(*args, **kwargs)
@@ -184,7 +188,6 @@ def mask_passwords_in_logs() -> None:
             record.msg, record.args = safe_url(message), ()
         return record
 
-    masked.masks_passwords = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(masked)
 
 

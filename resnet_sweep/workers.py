@@ -9,6 +9,7 @@ are not watched: they outlive the process that submitted them by design.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -95,3 +96,26 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+_label: list[str] = []  # the current job's log label, once installed; a reused worker runs job after job
+
+
+def label_logs(label: str) -> None:
+    """Start every log line of this job with `label` (its trial), so that the epoch lines of trials
+    training side by side in parallel workers can be told apart. Done where records are made (as
+    tracking.mask_passwords_in_logs), since the launchers reconfigure logging handlers per job. The state
+    lives here, not in __main__, which a launcher may pickle by value."""
+    if _label:
+        _label[0] = label
+        return
+    _label.append(label)
+    make = logging.getLogRecordFactory()
+
+    def labelled(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if _label[0] and isinstance(record.msg, str):
+            record.msg = _label[0] + record.msg
+        return record
+
+    logging.setLogRecordFactory(labelled)

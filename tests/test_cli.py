@@ -82,6 +82,12 @@ def test_a_two_trial_sweep_fills_optuna_and_mlflow(workdir: Path) -> None:
     assert sorted(t.value for t in study.trials) == pytest.approx(values)
     assert list(workdir.glob("outputs/multiruns/*/*/optimization_results.yaml"))
     assert "Best trial" in res.stderr + res.stdout
+    # progress: a line per finished trial, and each job's epoch lines labelled with its trial
+    out = res.stderr + res.stdout
+    assert re.search(r"trial [01]: COMPLETE, val_acc [0-9.]+ \| 2 of 2 trials done \(2 COMPLETE\) \| best [0-9.]+ "
+                     r"\(trial [01]\) \| \d+s elapsed", out)
+    assert re.search(r"trial [01]: COMPLETE, val_acc [0-9.]+ \| [12] of 2 trials done", out)
+    assert "[trial 0] epoch 2/2" in out and "[trial 1] epoch 2/2" in out and "[trial 1] [trial" not in out
     # one parent run for the sweep, holding the search space and the best value
     (parent,) = runs(workdir, role="sweep")
     assert parent.info.status == "FINISHED"
