@@ -182,6 +182,8 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
                 return pruned.value, run_id, True
             if run is not None:
                 run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
+                value = metrics[objective]
+                run.name_result(f"{objective} " + (f"{100 * value:.1f} %" if objective.endswith("acc") else f"{value:.4g}"))
                 if best is not None:
                     run.log_artifact(best)
             if conf.lesion.enabled:

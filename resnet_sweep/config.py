@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -277,3 +278,25 @@ def short_hash(value: Any) -> str:
     if isinstance(value, (list, tuple, ListConfig)):
         value = sorted(str(v) for v in value)
     return hashlib.sha1(str(value).encode()).hexdigest()[:8]
+
+
+def _swept(value: str) -> bool:
+    """Whether an override's value is a sweep (a,b / choice(...) / range(...) / interval(...) / tag(...))."""
+    return "," in value or re.match(r"\s*(choice|range|interval|tag|glob)\(", value) is not None
+
+
+def study_model(choice: str, overrides: Any, params: Any) -> str:
+    """The model part of a study's name (${study_model:...} in YAML): the model preset, or, where the sweep
+    varies the model, what it varies, e.g. `family+depth` for the degradation grid, so that a study is
+    never named after a preset its trials do not train."""
+    keys = set()
+    for override in overrides or []:
+        key, _, value = str(override).lstrip("+~").partition("=")
+        if (key == "model" or key.startswith("model.")) and _swept(value):
+            keys.add(key)
+    keys |= {str(k) for k in (params or {}) if str(k) == "model" or str(k).startswith("model.")}
+    if not keys:
+        return choice
+    if "model" in keys:
+        return "models"
+    return "+".join(sorted(k.removeprefix("model.") for k in keys))

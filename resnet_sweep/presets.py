@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_sweep.config import Config, short_hash
+from resnet_sweep.config import Config, short_hash, study_model
 from resnet_sweep.workers import cores
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
@@ -36,10 +36,11 @@ class UserPresets(SearchPathPlugin):
 
 
 def register() -> None:
-    """The typed schema (`base_config` in conf/config.yaml's defaults) and our resolvers: `short_hash` (study
-    names) and `cores` (the CPU cores this process may use: the joblib workers' default number)."""
-    if not OmegaConf.has_resolver("short_hash"):
-        OmegaConf.register_resolver("short_hash", short_hash)
+    """The typed schema (`base_config` in conf/config.yaml's defaults) and our resolvers: `short_hash` and
+    `study_model` (study names), `cores` (the CPU cores this process may use: the joblib workers' default)."""
+    for name, resolver in (("short_hash", short_hash), ("study_model", study_model)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_resolver(name, resolver)
     if not OmegaConf.has_resolver("cores"):
         OmegaConf.register_resolver("cores", cores)
     ConfigStore.instance().store(name="base_config", node=Config)

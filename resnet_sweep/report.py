@@ -95,6 +95,12 @@ def find_runs(client: MlflowClient, experiment: str | None, run_id: str | None) 
     return top, children
 
 
+# Why the training curve sits below validation in the first epochs: it is what the epoch's batches scored
+# while the weights were still moving, with BatchNorm using each batch's statistics.
+TRAINING_CURVE_NOTE = ("* training = running mean over the epoch's batches, in training mode (batch statistics, "
+                       "weights still changing); validation = after the epoch, in evaluation mode")
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -120,8 +126,14 @@ def _save(fig: plt.Figure, path: Path, title: str | None = None, rect: tuple[flo
     return path
 
 
+def _seeds(groups: dict[tuple[str, ...], list[Trial]]) -> int:
+    """How many runs each setting has (the most): error bars and "± std" only where it is more than one."""
+    return max((len(g) for g in groups.values()), default=1)
+
+
 def depth_vs_accuracy(trials: list[Trial], out: Path, title: str) -> Path:
     fig, (ax_train, ax_test) = plt.subplots(1, 2, figsize=(11, 4.2))
+    seeds = _seeds(_groups(trials, ("model.family", "model.depth")))
     for family, group in sorted(_groups(trials, ("model.family",)).items()):
         by_depth = _groups(group, ("model.depth",))
         depths = sorted(by_depth, key=lambda d: int(d[0]))
@@ -129,14 +141,15 @@ def depth_vs_accuracy(trials: list[Trial], out: Path, title: str) -> Path:
         for ax, metric, err in ((ax_train, "train_acc", True), (ax_test, "test_acc", False)):
             stats = [_mean_std([100 * (1 - t.final[metric]) if err else 100 * t.final[metric]
                                 for t in by_depth[d]]) for d in depths]
-            ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=4,
-                        color=FAMILY_COLOR.get(family[0]), label=f"{family[0]}")
+            ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats] if seeds > 1 else None, marker="o",
+                        capsize=4, color=FAMILY_COLOR.get(family[0]), label=f"{family[0]}")
     ax_train.set(xlabel="depth (weighted layers)", ylabel="training error at the last epoch (%)",
                  title="Training error: lower is better")
     ax_test.set(xlabel="depth (weighted layers)", ylabel="test accuracy (%)", title="Test accuracy: higher is better")
     for ax in (ax_train, ax_test):
         ax.grid(alpha=0.3)
-        ax.legend(title="family (mean ± std over seeds)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(title=f"family (mean ± std over {seeds} seeds)" if seeds > 1 else "family (one run per depth)")
     return _save(fig, out / "depth_vs_accuracy.png", title)
 
 
@@ -156,11 +169,13 @@ def training_curves(trials: list[Trial], out: Path, title: str) -> Path:
                 epochs = sorted(set.intersection(*(set(t.history.get(metric, {})) for t in group)))
                 mean = [statistics.fmean(100 * (1 - t.history[metric][e]) for t in group) for e in epochs]
                 ax.plot(epochs, mean, style, color=color, label=f"{depth} layers" if metric == "train_acc" else None)
-        ax.set(title=f"{family}: solid = training, dashed = validation", xlabel="epoch", ylabel="error (%)")
+        ax.set(title=f"{family}: solid = training*, dashed = validation", xlabel="epoch", ylabel="error (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(title="depth", fontsize=8)
-    return _save(fig, out / "training_curves.png", title)
+    fig.text(0.5, 0.01, TRAINING_CURVE_NOTE, ha="center", fontsize=8)
+    return _save(fig, out / "training_curves.png", title, rect=(0, 0.04, 1, 1))
 
 
 def _label(params: dict[str, str]) -> str:
@@ -218,7 +233,8 @@ def accuracy_per_epoch(trial: Trial, out: Path, title: str) -> Path:
     ax.plot(epochs, [100 * val[e] for e in epochs], marker="o", label="validation accuracy")
     if "train_acc" in trial.history:
         tr = trial.history["train_acc"]
-        ax.plot(sorted(tr), [100 * tr[e] for e in sorted(tr)], marker=".", alpha=0.6, label="training accuracy")
+        ax.plot(sorted(tr), [100 * tr[e] for e in sorted(tr)], marker=".", alpha=0.6,
+                label="training accuracy (running mean over the epoch, training mode)")
     if epochs:
         best = max(epochs, key=lambda e: val[e])
         ax.annotate(f"best {100 * val[best]:.2f} % (epoch {best})", (best, 100 * val[best]),
@@ -226,6 +242,7 @@ def accuracy_per_epoch(trial: Trial, out: Path, title: str) -> Path:
     test = trial.final.get("test_acc")
     ax.set(xlabel="epoch", ylabel="accuracy (%)",
            title=f"{title}" + (f" — test accuracy {100 * test:.2f} %" if test is not None else ""))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out / "accuracy_per_epoch.png")
@@ -294,7 +311,8 @@ def summary_table(trials: list[Trial], keys: tuple[str, ...]) -> list[dict[str, 
         row["runs"] = f"{len(done)}/{len(group)}"
         for metric in ("train_acc", "test_acc"):
             vals = [100 * t.final[metric] for t in done if metric in t.final]
-            row[metric + " %"] = "failed" if not vals else "{:.1f} ± {:.1f}".format(*_mean_std(vals))
+            mean, std = _mean_std(vals) if vals else (0.0, 0.0)
+            row[metric + " %"] = "failed" if not vals else f"{mean:.1f} ± {std:.1f}" if len(vals) > 1 else f"{mean:.1f}"
         init_ratios = [t.history.get(RATIO, {}).get(0) for t in group]
         end_ratios = [t.final.get(RATIO) for t in done]
         row["grad ratio init"] = _fmt_ratio(init_ratios)
@@ -352,7 +370,8 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
     table = to_markdown(summary_table(trials, keys))
     md = [f"# Report: {exp_name}, run {top.info.run_id}", "",
           f"{len(trials)} run(s) on {dataset}; settings vary in: {', '.join(varying) or 'nothing'}. "
-          "Accuracies are means ± std over seeds, at the last epoch; grad ratio = first-layer over "
+          + ("Accuracies are means ± std over seeds" if _seeds(_groups(trials, keys)) > 1 else
+             "Accuracies are of one run per setting") + ", at the last epoch; grad ratio = first-layer over "
           "last-layer weight-gradient norm (median over seeds), at init and at the last epoch.", "", table]
     if lesions:
         md += ["Test accuracy (%) of each trained net intact, with one deletable block deleted (mean and worst "

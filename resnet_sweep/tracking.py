@@ -25,9 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
 from omegaconf import DictConfig, OmegaConf
@@ -85,7 +83,9 @@ class StudyRun:
                     "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(hc.overrides.task),
                     "command": " ".join(["python -m resnet_sweep -m", *hc.overrides.task,
                                          *(o for o in hc.overrides.hydra if not o.startswith("hydra.mode="))])}
-            run = self.client.create_run(experiment_id, run_name=f"study {study.study_name}", tags=record_tags(tags))
+            swept = "+".join(sorted(k.rsplit(".", 1)[-1] for k in space)) or "nothing"
+            run = self.client.create_run(experiment_id, run_name=f"sweep of {swept}: study {study.study_name}",
+                                         tags=record_tags(tags))
             run_id = run.info.run_id
             study.set_user_attr("mlflow_parent_run_id", run_id)
             JobRun(self.client, run_id).log_params({
@@ -256,18 +256,16 @@ def provenance_tags() -> dict[str, str]:
 class JobRun:
     """One MLflow run; every write goes through log_batch so a job makes few round trips."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+    def __init__(self, client: MlflowClient, run_id: str, name: str = "") -> None:
+        self.client, self.run_id, self.run_name = client, run_id, name
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(clean_key(k), shorten(safe_url(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
+        self.client.log_batch(self.run_id, params=items)  # the client splits it into batches within MLflow's limits
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = [RunTag(k, v) for k, v in record_tags(tags).items()]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
+        self.client.log_batch(self.run_id, tags=items)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.log_series({k: {step: v} for k, v in metrics.items()})
@@ -276,8 +274,7 @@ class JobRun:
         """Metrics over steps at once: {key: {step: value}}."""
         now = int(time.time() * 1000)
         items = [Metric(clean_key(k), float(v), now, step) for k, steps in series.items() for step, v in steps.items()]
-        for i in range(0, len(items), MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i: i + MAX_METRICS_PER_BATCH])
+        self.client.log_batch(self.run_id, metrics=items)
 
     def log_text_folder(self, folder: Path, artifact_path: str | None = None) -> None:
         """The files of `folder`, with any password in a URL masked (Hydra's own .hydra/ files keep what
@@ -292,12 +289,31 @@ class JobRun:
                     target.write_text(safe_url(file.read_text(errors="replace")))
             self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
+    def name_result(self, result: str) -> None:
+        """The run's name with how it did, e.g. `trial 3: resnet-20 relu BN → val_acc 97.2 %`."""
+        self.client.update_run(self.run_id, name=shorten(f"{self.run_name} → {result}", 250))
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_artifact(self, file: Path, artifact_path: str | None = None) -> None:
         if file.is_file():
             self.client.log_artifact(self.run_id, str(file), artifact_path)
+
+
+def run_name(cfg: dict[str, Any]) -> str:
+    """What the runs table shows first: the trial (in a sweep) and the net, e.g. `trial 3: plain-20 sigmoid
+    no BN init N(0, 0.01²)`; JobRun.name_result adds the result when the run ends."""
+    m = cfg["model"]
+    name = f"{m['family']}-{m['depth']} {m['activation']} {'BN' if m['norm'] == 'batch' else 'no BN'}"
+    if m["preactivation"]:
+        name += " pre-act"
+    if m["init"] != "kaiming":
+        name += f" init N(0, {m['init_std']}²)" if m["init"] == "normal" else f" init {m['init']}"
+    if cfg["sweep"]["seeds"] > 1:
+        name += f" seed {cfg['seed']}"
+    trial = cfg["sweep"]["trial"]
+    return name if trial is None else f"trial {trial}: {name}"
 
 
 @contextmanager
@@ -319,8 +335,8 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     parent = os.environ.get(PARENT_ENV)
     if parent and HydraConfig.get().mode.name == "MULTIRUN":
         tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
-    job = JobRun(client, client.create_run(experiment_id, run_name=job_dir.name if parent else None,
-                                           tags=record_tags(tags)).info.run_id)
+    name = run_name(container)
+    job = JobRun(client, client.create_run(experiment_id, run_name=name, tags=record_tags(tags)).info.run_id, name)
     try:  # at once: a SIGTERM from here on ends the run KILLED
         log.info("MLflow run %s in experiment '%s' at %s", job.run_id, t.experiment, safe_url(t.uri))
         job.log_params(flatten(container))

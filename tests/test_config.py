@@ -118,3 +118,17 @@ def test_a_sweep_direction_must_match_its_objective(objective: str, direction: s
         validate(cfg, sweep_direction=direction)
     wanted = "minimize" if objective.endswith("loss") else "maximize"
     assert f"set hydra.sweeper.direction={wanted}" in str(err.value)
+
+
+@pytest.mark.parametrize(("overrides", "params", "name"), [
+    ([], None, "resnet20"),
+    (["trainer.epochs=3", "optimizer.lr=0.1,0.2"], {"optimizer.lr": "interval(0.01, 1)"}, "resnet20"),
+    (["model.depth=8,14"], None, "depth"),
+    (["+model.depth=choice(8, 14)"], {"model.family": "choice(plain, resnet)"}, "depth+family"),
+    (["model=resnet20,plain20"], None, "models"),
+    (["model.depth=14"], None, "resnet20"),  # one value: the preset, refined (the hash tells the studies apart)
+])
+def test_a_study_is_named_after_the_model_it_trains(overrides, params, name) -> None:  # noqa: ANN001
+    from resnet_sweep.config import study_model
+
+    assert study_model("resnet20", overrides, params) == name

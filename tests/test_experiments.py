@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,11 @@ def test_degradation_grid_runs_and_draws_its_report(workdir: Path) -> None:
     settings = sorted((r.data.params["model.family"], int(r.data.params["model.depth"])) for r in trials)
     assert settings == [("plain", 8), ("plain", 14), ("resnet", 8), ("resnet", 14)]
     assert {r.info.status for r in trials} == {"FINISHED"}
+    # the study is named after what it varies, not after the default model preset it never trains
+    assert parent.info.run_name.startswith("sweep of depth+family+seed: study degradation-depth+family-digits-")
+    # a run's name says which net it is, its trial and how it did
+    assert re.fullmatch(r"trial \d+: (plain|resnet)-(8|14) relu BN → train_acc \d+\.\d %",
+                        trials[0].info.run_name), trials[0].info.run_name
     # the same recipe for both families: only the shortcuts differ
     assert len({(r.data.params["optimizer.lr"], r.data.params["trainer.epochs"]) for r in trials}) == 1
     assert {"depth_vs_accuracy.png", "training_curves.png", "summary.md"} <= report_files(client, parent.info.run_id)
