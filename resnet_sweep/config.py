@@ -88,6 +88,9 @@ class DataConfig:
     val_fraction: float = 0.1  # held out of the training set, seeded by split_seed
     split_seed: int = 0  # fixed apart from `seed`, so every trial validates on the same images
     train_subset: Optional[int] = None  # cap on training examples after the split, for quick studies
+    # cap on validation examples (the first of the fixed split), so that a quick study on a subset does not
+    # spend as long validating as training; the test set is always whole
+    val_subset: Optional[int] = None
     augment: bool = False  # pad-4 random crop + horizontal flip (CIFAR-10), on the device
 
     def __post_init__(self) -> None:
@@ -98,6 +101,8 @@ class DataConfig:
         _check(0.0 < self.val_fraction < 1.0, f"data.val_fraction={self.val_fraction} must be in (0, 1)")
         _check(self.train_subset is None or self.train_subset > 0,
                f"data.train_subset={self.train_subset} must be a positive count or null (all)")
+        _check(self.val_subset is None or self.val_subset > 0,
+               f"data.val_subset={self.val_subset} must be a positive count or null (all)")
 
 
 # The settings each optimizer and scheduler takes, with the value used when a preset leaves one out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +57,17 @@ def _digits() -> tuple[np.ndarray, ...]:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzipped or not."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    """Read an IDX file (the MNIST format), gzipped or not, with torchvision's reader (which reads plain
+    files only: a .gz one is unpacked to a temporary file first)."""
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
+    if path.suffix != ".gz":
+        return read_sn3_pascalvincent_tensor(str(path), strict=False).numpy()
+    with tempfile.TemporaryDirectory() as tmp, gzip.open(path, "rb") as packed:
+        plain = Path(tmp) / path.stem
+        with open(plain, "wb") as out:
+            shutil.copyfileobj(packed, out)
+        return read_sn3_pascalvincent_tensor(str(plain), strict=False).numpy()
 
 
 def _find_idx(folder: Path) -> list[Path] | None:
@@ -160,6 +167,8 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
     val_idx, train_idx = order[:n_val], order[n_val:]
     if cfg.train_subset is not None:
         train_idx = train_idx[: cfg.train_subset]
+    if cfg.val_subset is not None:
+        val_idx = val_idx[: cfg.val_subset]
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
 

@@ -29,6 +29,8 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 from omegaconf import DictConfig, OmegaConf
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from resnet_sweep.stores import store_lock
 
@@ -185,7 +187,7 @@ def mask_passwords_in_logs() -> None:
         except Exception:  # noqa: BLE001 (a malformed record is logging's to report, not ours)
             return record
         if "@" in message:
-            record.msg, record.args = safe_url(message), ()
+            record.msg, record.args = mask_passwords(message), ()
         return record
 
     logging.setLogRecordFactory(masked)
@@ -193,13 +195,22 @@ def mask_passwords_in_logs() -> None:
 
 def record_tags(tags: dict[str, Any]) -> dict[str, str]:
     """Tags as MLflow takes them: keys it accepts, values within its limit, no URL passwords."""
-    return {clean_key(k): shorten(safe_url(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
+    return {clean_key(k): shorten(mask_passwords(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
 
 
 def safe_url(url: str) -> str:
-    """Text with the passwords of any URLs in it (scheme://user:password@host) masked, fit for a record."""
-    # also as Hydra logs overrides, with `:` escaped: postgresql\://user\:password@host
-    return re.sub(r"(:\\?//)([^:/@\s\\]+)(\\?:)[^@]*@", r"\1\2\3***@", url)
+    """One URL (a store's) with its password masked, as SQLAlchemy renders it; anything else unchanged."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # a path, not a URL
+        return url
+
+
+def mask_passwords(text: str) -> str:
+    """Free text (a log line, a config file, a param) with the password of every URL in it masked. Our own
+    pattern, since SQLAlchemy renders one URL but does not find URLs in text. It also matches URLs as
+    Hydra logs overrides, with `:` escaped: postgresql\\://user\\:password@host."""
+    return re.sub(r"(:\\?//)([^:/@\s\\]+)(\\?:)[^@]*@", r"\1\2\3***@", text)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -260,7 +271,7 @@ class JobRun:
         self.client, self.run_id, self.run_name = client, run_id, name
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(clean_key(k), shorten(safe_url(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
+        items = [Param(clean_key(k), shorten(mask_passwords(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
         self.client.log_batch(self.run_id, params=items)  # the client splits it into batches within MLflow's limits
 
     def set_tags(self, tags: dict[str, Any]) -> None:
@@ -286,7 +297,7 @@ class JobRun:
                 if file.is_file():
                     target = Path(tmp) / file.relative_to(folder)
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_text(safe_url(file.read_text(errors="replace")))
+                    target.write_text(mask_passwords(file.read_text(errors="replace")))
             self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
     def name_result(self, result: str) -> None:
@@ -341,7 +352,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
         log.info("MLflow run %s in experiment '%s' at %s", job.run_id, t.experiment, safe_url(t.uri))
         job.log_params(flatten(container))
         config_file = job_dir / "config_resolved.yaml"
-        config_file.write_text(safe_url(OmegaConf.to_yaml(container)))
+        config_file.write_text(mask_passwords(OmegaConf.to_yaml(container)))
         job.log_artifact(config_file)
         yield job
     except BaseException as exc:

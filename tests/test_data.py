@@ -34,6 +34,12 @@ def test_train_subset_caps_the_training_set_only() -> None:
     assert len(d.train) == 100 and len(d.val) == 144
 
 
+def test_val_subset_caps_the_validation_set_with_the_first_of_the_same_split() -> None:
+    whole, capped = load(DataConfig(), CPU), load(DataConfig(val_subset=50, train_subset=100), CPU)
+    assert len(capped.val) == 50 and len(capped.test) == len(whole.test)
+    assert torch.equal(capped.val.x, whole.val.x[:50])  # the same images: a subset of the fixed split
+
+
 def test_batches_cover_every_example_once_per_epoch() -> None:
     d = load(DataConfig(), CPU)
     seen = torch.cat([y for _, y in batches(d.train, 128, torch.Generator().manual_seed(0), shuffle=True)])
