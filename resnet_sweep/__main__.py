@@ -147,6 +147,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
             if trial is not None and reports:
                 trial.set(mlflow_run_id=run_id, job_dir=str(hc.runtime.output_dir))
             if run is not None:
+                run.log_dataset(conf.data.name.name, len(data.train), len(data.val), len(data.test))
                 run.log_params({"model.num_parameters": n_params, "device": device,
                                 "torch.threads": torch.get_num_threads()})
             if gradients is not None:
@@ -183,7 +184,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
             if run is not None:
                 run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
                 value = metrics[objective]
-                run.name_result(f"{objective} " + (f"{100 * value:.1f} %" if objective.endswith("acc") else f"{value:.4g}"))
+                run.name_result(f"{100 * value:.1f}%" if objective.endswith("acc") else f"loss {value:.4g}")
                 if best is not None:
                     run.log_artifact(best)
             if conf.lesion.enabled:

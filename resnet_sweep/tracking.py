@@ -7,6 +7,7 @@ serves the basic and the joblib launcher.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 
 from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
@@ -54,9 +55,12 @@ def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
         if found is not None:
             return found.experiment_id
         Path(artifact_location).mkdir(parents=True, exist_ok=True)
-        return client.create_experiment(experiment, artifact_location=Path(artifact_location).resolve().as_uri())
+        # MLflow 3's UI opens an experiment of unknown kind on a GenAI traces page; this kind opens its runs
+        return client.create_experiment(experiment, artifact_location=Path(artifact_location).resolve().as_uri(),
+                                        tags={EXPERIMENT_KIND: "custom_model_development"})
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the tag MLflow's UI reads (custom_model_development: model training)
 PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"  # how jobs, in this process or launcher workers, find the study's run
 
 
@@ -267,8 +271,8 @@ def provenance_tags() -> dict[str, str]:
 class JobRun:
     """One MLflow run; every write goes through log_batch so a job makes few round trips."""
 
-    def __init__(self, client: MlflowClient, run_id: str, name: str = "") -> None:
-        self.client, self.run_id, self.run_name = client, run_id, name
+    def __init__(self, client: MlflowClient, run_id: str, cfg: dict[str, Any] | None = None) -> None:
+        self.client, self.run_id, self.cfg = client, run_id, cfg
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(clean_key(k), shorten(mask_passwords(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
@@ -300,9 +304,17 @@ class JobRun:
                     target.write_text(mask_passwords(file.read_text(errors="replace")))
             self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
+    def log_dataset(self, name: str, n_train: int, n_val: int, n_test: int) -> None:
+        """The data the run trained on, for the runs table's Dataset column (sizes tell subsets apart)."""
+        sizes = f"{n_train}/{n_val}/{n_test}"
+        dataset = Dataset(name=name, digest=hashlib.sha1(f"{name} {sizes}".encode()).hexdigest()[:8],
+                          source_type="resnet_sweep", source=f"{name}: train/val/test {sizes}")
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
     def name_result(self, result: str) -> None:
-        """The run's name with how it did, e.g. `trial 3: resnet-20 relu BN → val_acc 97.2 %`."""
-        self.client.update_run(self.run_id, name=shorten(f"{self.run_name} → {result}", 250))
+        """The run's name with how it did (see run_name)."""
+        if self.cfg is not None:
+            self.client.update_run(self.run_id, name=shorten(run_name(self.cfg, result), 250))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -312,19 +324,20 @@ class JobRun:
             self.client.log_artifact(self.run_id, str(file), artifact_path)
 
 
-def run_name(cfg: dict[str, Any]) -> str:
-    """What the runs table shows first: the trial (in a sweep) and the net, e.g. `trial 3: plain-20 sigmoid
-    no BN init N(0, 0.01²)`; JobRun.name_result adds the result when the run ends."""
+def run_name(cfg: dict[str, Any], result: str = "") -> str:
+    """What the runs table shows first, short enough for its Run Name column: the trial, how it did and
+    the net, e.g. `#3 97.2% resnet20 relu BN` or `#7 loss 0.231 plain56 sigmoid noBN N(0,0.01²)`; the
+    accuracy or loss is the run's objective (the metric the link of resnet_sweep.ui sorts by)."""
     m = cfg["model"]
-    name = f"{m['family']}-{m['depth']} {m['activation']} {'BN' if m['norm'] == 'batch' else 'no BN'}"
+    name = f"{m['family']}{m['depth']} {m['activation']} {'BN' if m['norm'] == 'batch' else 'noBN'}"
     if m["preactivation"]:
-        name += " pre-act"
+        name += " preact"
     if m["init"] != "kaiming":
-        name += f" init N(0, {m['init_std']}²)" if m["init"] == "normal" else f" init {m['init']}"
+        name += f" N(0,{m['init_std']}²)" if m["init"] == "normal" else f" {m['init']}"
     if cfg["sweep"]["seeds"] > 1:
-        name += f" seed {cfg['seed']}"
+        name += f" seed{cfg['seed']}"
     trial = cfg["sweep"]["trial"]
-    return name if trial is None else f"trial {trial}: {name}"
+    return " ".join(x for x in ("" if trial is None else f"#{trial}", result, name) if x)
 
 
 @contextmanager
@@ -342,12 +355,12 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     experiment_id = prepare_store(t.uri, t.experiment, t.artifact_location)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    tags = {**provenance_tags(), **(extra_tags or {})}
+    tags = {**provenance_tags(), "role": "run", **(extra_tags or {})}
     parent = os.environ.get(PARENT_ENV)
     if parent and HydraConfig.get().mode.name == "MULTIRUN":
         tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
-    name = run_name(container)
-    job = JobRun(client, client.create_run(experiment_id, run_name=name, tags=record_tags(tags)).info.run_id, name)
+    job = JobRun(client, client.create_run(experiment_id, run_name=run_name(container),
+                                           tags=record_tags(tags)).info.run_id, container)
     try:  # at once: a SIGTERM from here on ends the run KILLED
         log.info("MLflow run %s in experiment '%s' at %s", job.run_id, t.experiment, safe_url(t.uri))
         job.log_params(flatten(container))

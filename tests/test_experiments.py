@@ -41,7 +41,7 @@ def test_degradation_grid_runs_and_draws_its_report(workdir: Path) -> None:
     # the study is named after what it varies, not after the default model preset it never trains
     assert parent.info.run_name.startswith("sweep of depth+family+seed: study degradation-depth+family-digits-")
     # a run's name says which net it is, its trial and how it did
-    assert re.fullmatch(r"trial \d+: (plain|resnet)-(8|14) relu BN → train_acc \d+\.\d %",
+    assert re.fullmatch(r"#\d+ \d+\.\d% (plain|resnet)(8|14) relu BN",
                         trials[0].info.run_name), trials[0].info.run_name
     # the same recipe for both families: only the shortcuts differ
     assert len({(r.data.params["optimizer.lr"], r.data.params["trainer.epochs"]) for r in trials}) == 1

@@ -50,11 +50,12 @@ def test_the_optuna_plugin_still_offers_the_private_api_our_sweeper_uses() -> No
 
 
 @pytest.mark.parametrize(("module", "says"), [
-    ("resnet_sweep", ["-m", "experiment=degradation", "resnet_sweep.report", "resnet_sweep.summary",
+    ("resnet_sweep", ["-m", "experiment=degradation", "resnet_sweep.report", "resnet_sweep.summary", "resnet_sweep.ui",
                       "Config groups", "model: article", "mlflow.db", "presets"]),
     ("resnet_sweep.report", ["--uri", "--run", "--out"]),
     ("resnet_sweep.summary", ["overrides", "model=resnet56"]),
     ("resnet_sweep.bench", ["--steps", "--threads"]),
+    ("resnet_sweep.ui", ["--uri", "--experiment", "--port"]),
 ])
 def test_every_cli_answers_help_with_what_it_does(module: str, says: list[str], tmp_path) -> None:  # noqa: ANN001
     res = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True,
