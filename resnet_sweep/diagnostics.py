@@ -17,7 +17,9 @@ from torch import nn
 
 from resnet_sweep.models import weighted_layers
 
-NORM_KEY = "grad_norm/{:03d}"  # MLflow metric key per layer index; step 0 = init, step k = epoch k
+# MLflow metric key per layer index; step 0 = init, step k = epoch k. Named to sort after val_acc and
+# test_acc, so that a run page lists the accuracies first, not 20-100 of these.
+NORM_KEY = "weight_grad/{:03d}"
 RATIO_KEY = "grad_ratio_first_last"
 
 

@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
 
-GRAD = re.compile(r"grad_norm/(\d+)$")
+GRAD = re.compile(r"weight_grad/(\d+)$")
 RATIO = "grad_ratio_first_last"
 # The settings a report tells apart; seeds are what it averages over.
 SETTING_KEYS = ("model.family", "model.depth", "model.activation", "model.norm", "model.init",
@@ -57,7 +57,7 @@ class Trial:
 
     def grad_profile(self, step: int) -> list[float]:
         layers = sorted(int(GRAD.match(k).group(1)) for k in self.history if GRAD.match(k))
-        return [self.history[f"grad_norm/{i:03d}"].get(step, float("nan")) for i in layers]
+        return [self.history[f"weight_grad/{i:03d}"].get(step, float("nan")) for i in layers]
 
     @property
     def last_epoch(self) -> int:

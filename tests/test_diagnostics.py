@@ -44,9 +44,9 @@ def test_small_init_shrinks_every_layers_gradient_and_batchnorm_undoes_it() -> N
     # With N(0, 0.01^2) weights both the forward signal and the backward gradient shrink layer by layer,
     # so every weight gradient (a product of the two) is tiny, the first layer's as much as the last's.
     common = dict(family=Family.plain, depth=20, activation=Activation.relu)
-    kaiming = at_init(**common, norm=Norm.none)["grad_norm/000"]
-    small = at_init(**common, norm=Norm.none, init=Init.normal, init_std=0.01)["grad_norm/000"]
-    small_bn = at_init(**common, norm=Norm.batch, init=Init.normal, init_std=0.01)["grad_norm/000"]
+    kaiming = at_init(**common, norm=Norm.none)["weight_grad/000"]
+    small = at_init(**common, norm=Norm.none, init=Init.normal, init_std=0.01)["weight_grad/000"]
+    small_bn = at_init(**common, norm=Norm.batch, init=Init.normal, init_std=0.01)["weight_grad/000"]
     assert small < 1e-6 * kaiming
     assert small_bn > 1e3 * small
 
@@ -57,7 +57,7 @@ def test_the_init_probe_leaves_the_model_as_it_found_it() -> None:
     record = GradientNorms(model).at_init(model, X, Y)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
-    assert len([k for k in record if k.startswith("grad_norm/")]) == len(weighted_layers(model)) == 8
+    assert len([k for k in record if k.startswith("weight_grad/")]) == len(weighted_layers(model)) == 8
 
 
 def test_each_epoch_records_one_norm_per_layer_from_training_steps() -> None:
@@ -69,6 +69,6 @@ def test_each_epoch_records_one_norm_per_layer_from_training_steps() -> None:
         on_epoch=lambda metrics, epoch: seen.append(metrics))
     assert len(seen) == 2
     for metrics in seen:
-        norms = [v for k, v in metrics.items() if k.startswith("grad_norm/")]
+        norms = [v for k, v in metrics.items() if k.startswith("weight_grad/")]
         assert len(norms) == 8 and all(v > 0 for v in norms)
         assert metrics[RATIO_KEY] == norms[0] / norms[-1]
