@@ -52,6 +52,7 @@ def main(cfg: DictConfig) -> float:
 
 
 def run(cfg: DictConfig) -> float:
+    tracking.job_started()
     tracking.mask_passwords_in_logs()
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN

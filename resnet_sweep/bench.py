@@ -6,6 +6,7 @@
       in a real (temporary) SQLite store, per-layer gradient norms, the non-finite-loss check.
 
     python -m resnet_sweep.bench [model=article] [trainer.batch_size=32] [--steps 40] [--repeats 5] [--threads 2]
+    python -m resnet_sweep.bench --sweep [--cases default short degradation] [--repeats 3]   (whole sweeps)
 
 Positional arguments are the training config's overrides (model, trainer, ...). Real MNIST is used when
 its files are found under data.root, else synthetic uint8 images shaped like MNIST (1x28x28, 10 classes),
@@ -19,6 +20,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -166,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before timing each loop")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--skip-article", action="store_true", help="skip loop (a), the slowest to time")
+    parser.add_argument("--sweep", action="store_true",
+                        help="measure whole sweeps instead: trials/hour, efficiency, overhead (bench_sweep.py)")
     args, overrides = parser.parse_known_args(argv)
+    if args.sweep:
+        from resnet_sweep import bench_sweep
+
+        return bench_sweep.main([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--sweep"])
     cfg = compose(["model=article", "trainer.batch_size=32", *overrides], job_name="bench")
     model_cfg, trainer = to_typed(cfg.model), to_typed(cfg.trainer)
     if args.threads:

@@ -340,6 +340,14 @@ def run_name(cfg: dict[str, Any], result: str = "") -> str:
     return " ".join(x for x in ("" if trial is None else f"#{trial}", result, name) if x)
 
 
+_job_started: list[float] = []  # when this process's current job started (see job_started)
+
+
+def job_started() -> None:
+    """Mark the start of a job (the task function's first line): its runs record `job_seconds` from here."""
+    _job_started[:] = [time.time()]
+
+
 @contextmanager
 def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterator[JobRun | None]:
     """An MLflow run for the current Hydra job, FINISHED on success, FAILED with the reason otherwise.
@@ -374,5 +382,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
         job.log_text_folder(job_dir / ".hydra", ".hydra")
         client.set_terminated(job.run_id, status)
         raise
+    if _job_started:  # what the job did from its start to here, training included (bench --sweep: overhead)
+        job.log_metrics({"job_seconds": time.time() - _job_started[-1]}, step=0)
     job.log_text_folder(job_dir / ".hydra", ".hydra")
     client.set_terminated(job.run_id, "FINISHED")

@@ -247,7 +247,7 @@ def test_half_the_trials_diverge_and_the_sweep_goes_on(workdir: Path) -> None:
                   "optimizer.lr=choice(1e9,0.05)", "seed=choice(0,1)")
     assert res.returncode == 0, res.stderr[-3000:]
     trials = study(workdir).trials
-    assert states(trials) == {"COMPLETE": 2, "FAIL": 2}
+    assert states(trials) == {"COMPLETE": 2, "FAIL": 2}, [(t.params, t.user_attrs) for t in trials]
     for t in trials:
         assert (t.state.name == "FAIL") == (t.params["optimizer.lr"] == 1e9)
         if t.state.name == "FAIL":
@@ -366,3 +366,22 @@ def test_submitit_local_launcher_runs_the_sweep(workdir: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert states(study(workdir).trials) == {"COMPLETE": 2}
     assert {r.info.status for r in job_runs(workdir)} == {"FINISHED"}
+
+
+def test_trials_run_asynchronously_fast_ones_finish_while_a_slow_one_runs(workdir: Path) -> None:
+    """With 2 workers, a slow first trial does not hold the other worker: trials 2 and 3 are asked and
+    started as trial 1's worker frees, while trial 0 still trains (a batch of 2 would start them after it)."""
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    queued = optuna.create_study(study_name="async", storage=storage, direction="maximize")
+    for epochs in (60, 1, 1, 1):  # the sweep asks queued trials first, in this order
+        queued.enqueue_trial({"trainer.epochs": epochs})
+    res = run_cli(workdir, "-m", "search=none", "trainer.epochs=choice(1,60)", "hydra.sweeper.study_name=async",
+                  "hydra.sweeper.n_trials=4", "hydra.launcher.n_jobs=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    slow, *fast = sorted(study(workdir).trials, key=lambda t: t.number)
+    assert [t.params["trainer.epochs"] for t in (slow, *fast)] == [60, 1, 1, 1]
+    assert all(t.state.name == "COMPLETE" for t in (slow, *fast))
+    assert all(t.datetime_complete < slow.datetime_complete for t in fast)
+    assert all(t.datetime_start < slow.datetime_complete for t in fast[1:])
+    # end order differs from start order: the slow trial, started first, ended last
+    assert sorted((slow, *fast), key=lambda t: t.datetime_complete)[-1].number == 0

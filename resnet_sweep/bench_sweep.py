@@ -1,0 +1,84 @@
+"""Sweep throughput, measured on real sweeps: trials per hour, sweep efficiency, per-trial overhead.
+
+    python -m resnet_sweep.bench --sweep [--cases default short degradation] [--repeats 3] [overrides ...]
+
+Each case runs `python -m resnet_sweep -m <its overrides> <overrides>` in a fresh temporary folder, `--repeats`
+times one after another, and reads the sweep back from its MLflow records:
+- trials/hour: finished trials / the command's wall seconds x 3600 (start-up and the end included);
+- efficiency: the trials' training seconds (the sum of their runs' `epoch_seconds`) / (the parent run's
+  wall seconds x the sweep's workers): 1.0 means every worker trained all the time;
+- overhead: per trial, what its job did besides training (`job_seconds` - training seconds; median).
+The table shows the median of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+CASES = {
+    "default": ["hydra.sweeper.n_trials=8"],
+    "short": ["hydra.sweeper.n_trials=8", "trainer.epochs=3"],
+    "degradation": ["experiment=degradation"],
+}
+
+
+def measure(overrides: list[str], workers: int) -> dict[str, float]:
+    """One sweep in a fresh folder; its figures from MLflow."""
+    from mlflow import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "resnet_sweep", "-m", *overrides], cwd=tmp, text=True,
+                             capture_output=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        wall = time.perf_counter() - start
+        if res.returncode != 0:
+            raise SystemExit(f"the sweep failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+        client = MlflowClient(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, max_results=10000)
+        parent = next(r for r in runs if r.data.tags.get("role") == "sweep")
+        trials = [r for r in runs if r.data.tags.get("role") == "trial"]
+        training = {r.info.run_id: sum(m.value for m in client.get_metric_history(r.info.run_id, "epoch_seconds"))
+                    for r in trials}
+        overhead = [r.data.metrics["job_seconds"] - training[r.info.run_id] for r in trials
+                    if "job_seconds" in r.data.metrics]
+        parent_wall = (parent.info.end_time - parent.info.start_time) / 1000
+        return {"trials": len(trials), "wall_s": wall, "trials_per_hour": len(trials) / wall * 3600,
+                "efficiency": sum(training.values()) / (parent_wall * workers),
+                "overhead_s": statistics.median(overhead) if overhead else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from resnet_sweep.bench import cpu_name
+    from resnet_sweep.workers import cores
+
+    parser = argparse.ArgumentParser(prog="python -m resnet_sweep.bench --sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=cores(),
+                        help="the sweep's workers, for the efficiency (default: this machine's cores, as workers=joblib)")
+    args, overrides = parser.parse_known_args(argv)
+    print(f"# resnet_sweep.bench --sweep, {date.today()}: {cpu_name()}, {cores()} cores, {args.workers} workers, "
+          f"median of {args.repeats}", flush=True)
+    print("| sweep | trials | wall s | trials/hour | efficiency | overhead s/trial | runs (efficiency) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    for case in args.cases:
+        command = [*CASES[case], *overrides]
+        got = [measure(command, args.workers) for _ in range(args.repeats)]
+        med = {k: statistics.median(g[k] for g in got) for k in got[0]}
+        print(f"| `-m {' '.join(command)}` | {med['trials']:.0f} | {med['wall_s']:.1f} | {med['trials_per_hour']:.0f} "
+              f"| {med['efficiency']:.2f} | {med['overhead_s']:.2f} | {', '.join(format(g['efficiency'], '.2f') for g in got)} |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
