@@ -8,7 +8,9 @@ times one after another, and reads the sweep back from its MLflow records:
 - efficiency: the trials' training seconds (the sum of their runs' `epoch_seconds`) / (the parent run's
   wall seconds x the sweep's workers): 1.0 means every worker trained all the time;
 - overhead: per trial, what its job did besides training (`job_seconds` - training seconds; median).
-The table shows the median of the repeats.
+The table shows the median of the repeats. `--startup` measures instead how long `python -m resnet_sweep`
+takes from the interpreter's start to its first training step, in a fresh folder (MLflow creates its
+database) and in one that has it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ def measure(overrides: list[str], workers: int) -> dict[str, float]:
                 "overhead_s": statistics.median(overhead) if overhead else float("nan")}
 
 
+def startup(folder: Path) -> float:
+    """Seconds from starting `python -m resnet_sweep trainer.epochs=1` in `folder` to its first training step
+    (the end of epoch 1, as MLflow timestamped it, less the epoch's training seconds)."""
+    from mlflow import MlflowClient
+
+    start = time.time()
+    res = subprocess.run([sys.executable, "-m", "resnet_sweep", "trainer.epochs=1"], cwd=folder, text=True,
+                         capture_output=True)
+    if res.returncode != 0:
+        raise SystemExit(f"the run failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    (run, *_) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+    (epoch,) = client.get_metric_history(run.info.run_id, "epoch_seconds")
+    return epoch.timestamp / 1000 - epoch.value - start
+
+
 def main(argv: list[str] | None = None) -> int:
     from resnet_sweep.bench import cpu_name
     from resnet_sweep.workers import cores
@@ -65,7 +84,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=cores(),
                         help="the sweep's workers, for the efficiency (default: this machine's cores, as workers=joblib)")
+    parser.add_argument("--startup", action="store_true", help="measure start-up to the first training step")
     args, overrides = parser.parse_known_args(argv)
+    if args.startup:
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = []
+            for i in range(args.repeats):
+                (Path(tmp) / str(i)).mkdir()
+                fresh.append(startup(Path(tmp) / str(i)))
+            warm = [startup(Path(tmp) / "0") for _ in range(args.repeats)]
+        print(f"# python -m resnet_sweep to its first training step, {date.today()}, {cpu_name()}: median of "
+              f"{args.repeats}\nfresh folder (creates mlflow.db): {statistics.median(fresh):.2f} s "
+              f"({', '.join(f'{x:.2f}' for x in fresh)})\nfolder with mlflow.db: {statistics.median(warm):.2f} s "
+              f"({', '.join(f'{x:.2f}' for x in warm)})")
+        return 0
     print(f"# resnet_sweep.bench --sweep, {date.today()}: {cpu_name()}, {cores()} cores, {args.workers} workers, "
           f"median of {args.repeats}", flush=True)
     print("| sweep | trials | wall s | trials/hour | efficiency | overhead s/trial | runs (efficiency) |\n"

@@ -4,8 +4,10 @@ exact bookkeeping across any number of sweep processes.
 Why a subclass and not the plugin as is: hydra-optuna-sweeper 1.4.0rc3 asks and tells trials in the
 sweeping process, so (1) a job never sees its trial and cannot report epochs for pruning, (2) a rerun adds
 n_trials more instead of finishing the study, (3) trials of a killed sweep stay RUNNING forever (Optuna's
-heartbeat only runs inside study.optimize), (4) a NaN return or a raising job can abort the sweep, and
-(5) a seeded sampler proposes the same points in every process that opens the study. This keeps the
+heartbeat only runs inside study.optimize), (4) a NaN return or a raising job can abort the sweep,
+(5) a seeded sampler proposes the same points in every process that opens the study, and (6) it launches
+n_jobs trials as a batch and waits for the slowest before asking more; here trials are asynchronous: a
+trial's job is a batch of one, up to n_jobs in flight, and each finished trial frees its slot at once. This keeps the
 official search-space parsing, samplers, config schema and launcher hand-off, and replaces only
 `sweep()`; choose it with `hydra/sweeper=resnet_optuna` (the default in conf/config.yaml).
 
@@ -21,7 +23,9 @@ import functools
 import logging
 import math
 import os
+import queue
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,13 +139,21 @@ class _Impl(OptunaSweeperImpl):
     grace_period: int
 
     def _sampler_settings(self) -> dict[str, Any]:
-        return OmegaConf.to_container(self.sampler_config, resolve=True) if self.sampler_config else {}
+        cfg = OmegaConf.to_container(self.sampler_config, resolve=True) if self.sampler_config else {}
+        # TPE proposes while up to n_jobs trials run: with constant_liar it counts them as bad results (worst
+        # value so far), so it does not propose their neighbourhood again before they end. On unless the
+        # command line sets hydra.sweeper.sampler.constant_liar.
+        if (str(cfg.get("_target_", "")).endswith("TPESampler") and self.n_jobs > 1 and not any(
+                o.split("=")[0].lstrip("+~") == "hydra.sweeper.sampler.constant_liar"
+                for o in self.config.hydra.overrides.hydra)):
+            cfg["constant_liar"] = True
+        return cfg
 
     def _make_sampler(self, space: dict[str, Any]) -> optuna.samplers.BaseSampler:
         cfg = self._sampler_settings()
         if isinstance(self.sampler, functools.partial) and self.sampler.func == optuna.samplers.GridSampler:
             # One grid sampler as configured, never reseeded: its seed shuffles the grid, so every process
-            # must share it to agree on which cell a grid_id is. Asking under a lock (see _launch) gives
+            # must share it to agree on which cell a grid_id is. Asking under a lock (see _run) gives
             # each cell to one trial.
             grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
             self.n_trials = min(self.n_trials, math.prod(len(v) for v in grid.values()))
@@ -212,26 +224,39 @@ class _Impl(OptunaSweeperImpl):
 
     def _run(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
              fixed_overrides: list[str]) -> None:
-        """Launch trials until the study holds n_trials counted ones; wait while other processes' trials
-        run (they may finish the study, or die and be retried here)."""
+        """Keep up to n_jobs trials in flight until the study holds n_trials counted ones. Asynchronous: as
+        soon as one trial finishes, its result is settled and the next is asked and launched, so a slow
+        trial never holds the other workers. Waits while other processes' trials run (they may finish the
+        study, or die and be retried here)."""
+        self._in_flight: dict[int, optuna.Trial] = {}
+        finished: queue.Queue = queue.Queue()  # (trial number, JobReturn or None, exception or None)
+        stop_beat = trials.beat(storage, lambda: [t._trial_id for t in list(self._in_flight.values())],  # noqa: SLF001
+                                self.heartbeat_interval)
         said_waiting = False
-        while True:
-            # under the lock, so that processes of one study neither queue a retry twice nor together ask
-            # for more trials than n_trials leaves
-            with stores.store_lock(str(self.storage)):
-                optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
-                trials.queue_retries(study)
-                all_trials = study.get_trials(deepcopy=False)
-                done = counted(all_trials)
-                if len(done) >= self.n_trials:
-                    return
-                self._check_failure_rate(study, done)
-                running = [t for t in all_trials if t.state == TrialState.RUNNING]
-                slots = min(self.n_jobs, self.n_trials - len(done) - len(running))
-                if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs for t in all_trials):
-                    slots = min(slots, 1)  # a trial whose worker died beside another's runs alone: see _worker_died
-                batch = self._ask(study, storage, slots)
-            if not batch:
+        try:
+            while True:
+                # under the lock, so that processes of one study neither queue a retry twice nor together ask
+                # for more trials than n_trials leaves
+                with stores.store_lock(str(self.storage)):
+                    optuna.storages.fail_stale_trials(study)  # a no-op for storages without heartbeats
+                    trials.queue_retries(study)
+                    all_trials = study.get_trials(deepcopy=False)
+                    done = counted(all_trials)
+                    if len(done) >= self.n_trials and not self._in_flight:
+                        return
+                    self._check_failure_rate(study, done)
+                    running = [t for t in all_trials if t.state == TrialState.RUNNING]
+                    slots = min(self.n_jobs - len(self._in_flight), self.n_trials - len(done) - len(running))
+                    if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs
+                           for t in all_trials):  # a trial whose worker died beside another's runs alone
+                        slots = min(slots, 0 if self._in_flight else 1)
+                    batch = self._ask(study, storage, slots)
+                for trial in batch:
+                    self._start(trial, space, fixed, fixed_overrides, finished)
+                if self._in_flight:
+                    said_waiting = False
+                    self._collect(study, finished)
+                    continue
                 if not isinstance(storage, optuna.storages.RDBStorage):
                     return  # no heartbeats: a dead process's RUNNING trial could never be told from a live one
                 if not said_waiting:
@@ -239,9 +264,13 @@ class _Impl(OptunaSweeperImpl):
                     log.info("waiting for %d trials that other processes run (%s)", len(running),
                              ", ".join(str(t.number) for t in running))
                 time.sleep(self.heartbeat_interval)
-                continue
-            said_waiting = False
-            self._launch(study, storage, space, fixed, fixed_overrides, batch)
+        except BaseException as exc:  # SIGTERM, Ctrl-C, a launcher error: close what is in flight, then go
+            self._stop_workers()
+            for number in list(self._in_flight):
+                self._interrupt(study, number, f"interrupted: sweep stopped by {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            stop_beat()
 
     @staticmethod
     def _ask(study: optuna.Study, storage: Any, slots: int) -> list[optuna.Trial]:
@@ -253,45 +282,66 @@ class _Impl(OptunaSweeperImpl):
                 storage.record_heartbeat(t._trial_id)  # noqa: SLF001 (Trial exposes no public id)
         return batch
 
-    def _launch(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
-                fixed_overrides: list[str], batch: list[optuna.Trial]) -> None:
-        overrides = [(*o, _override("sweep.study", study.study_name), f"sweep.trial={t.number}",
-                      f"hydra.sweep.subdir={t.number}")  # job folder = trial number: unique across processes
-                     for o, t in zip(self._configure_trials(batch, space, fixed, fixed_overrides), batch)]
-        stop_beat = trials.beat(storage, lambda: [t._trial_id for t in batch], self.heartbeat_interval)  # noqa: SLF001
-        try:
-            returns = self.launcher.launch(overrides, initial_job_idx=batch[0].number)
-        except BaseException as exc:
-            if type(exc).__name__ in WORKER_DIED:
-                self._worker_died(study, batch, exc)
-                return
-            for t in batch:  # SIGTERM, Ctrl-C, a launcher error: close what was in flight, then go
-                self._interrupt(study, t.number, f"interrupted: sweep stopped by {type(exc).__name__}: {exc}")
-            raise
-        finally:
-            stop_beat()
-        for trial, ret in zip(batch, returns):
-            self._settle(study, trial.number, ret)
-            self._progress(study, trial.number)
+    def _start(self, trial: optuna.Trial, space: dict[str, Any], fixed: dict[str, Any], fixed_overrides: list[str],
+               finished: queue.Queue) -> None:
+        """Launch one trial's job through the configured launcher, as a batch of one. With one job at a time,
+        or Hydra's basic launcher (jobs in this process, which set signal handlers), in this thread; else in
+        a thread of its own that waits for the job while the launcher runs it elsewhere (joblib's reused
+        worker processes, SLURM): the launcher API is one blocking call per batch, and this is the smallest
+        way to let trials end one by one."""
+        (overrides,) = self._configure_trials([trial], space, fixed, fixed_overrides)
+        overrides = [(*overrides, _override("sweep.study", trial.study.study_name), f"sweep.trial={trial.number}",
+                      f"hydra.sweep.subdir={trial.number}")]  # job folder = trial number: unique across processes
+        self._in_flight[trial.number] = trial
 
-    def _progress(self, study: optuna.Study, number: int) -> None:
-        """One line per finished trial: its result, how far the study is, the best so far, time left."""
-        all_trials = study.get_trials(deepcopy=False)
-        trial = next(t for t in all_trials if t.number == number)
-        done = counted(all_trials)
-        self._done_here += 1
-        states = ", ".join(f"{n} {s.name}" for s in trials.FINISHED if (n := sum(t.state == s for t in done)))
-        elapsed = time.monotonic() - self._started
-        left = max(self.n_trials - len(done), 0)
-        eta = f", about {_duration(elapsed / self._done_here * left)} left" if left else ""
-        result = trial.state.name if trial.value is None else f"{trial.state.name}, {self._objective} {trial.value:.4g}"
-        if trials.interrupted([trial]):
-            result = "interrupted (to run again)"
-        best = ""
-        if len(self._get_directions()) == 1 and any(t.state == TrialState.COMPLETE for t in all_trials):
-            best = f" | best {study.best_trial.value:.4g} (trial {study.best_trial.number})"
-        log.info("trial %d: %s | %d of %d trials done (%s)%s | %s elapsed%s", number, result, len(done),
-                 self.n_trials, states or "none counted", best, _duration(elapsed), eta)
+        def launch() -> None:
+            try:
+                finished.put((trial.number, self.launcher.launch(overrides, initial_job_idx=trial.number)[0], None))
+            except BaseException as exc:  # noqa: BLE001 (handed to the sweeping thread, which decides)
+                finished.put((trial.number, None, exc))
+
+        if self.n_jobs == 1 or type(self.launcher).__name__ == "BasicLauncher":
+            (number, ret, exc) = (trial.number, self.launcher.launch(overrides, initial_job_idx=trial.number)[0], None)
+            finished.put((number, ret, exc))
+        else:
+            threading.Thread(target=launch, name=f"trial-{trial.number}", daemon=True).start()
+
+    def _collect(self, study: optuna.Study, finished: queue.Queue) -> None:
+        """Settle the trials that finished (waiting up to a heartbeat interval for one)."""
+        try:
+            results = [finished.get(timeout=self.heartbeat_interval)]
+        except queue.Empty:
+            return
+        while not finished.empty():
+            results.append(finished.get_nowait())
+        died = [(n, exc) for n, _, exc in results if exc is not None and type(exc).__name__ in WORKER_DIED]
+        if died:
+            # loky stops every worker of its pool when one dies: every trial in flight fails with it
+            reported = {n for n, _, _ in results}
+            while reported != set(self._in_flight):
+                n, ret, exc = finished.get(timeout=300)
+                results.append((n, ret, exc))
+                reported.add(n)
+            died = [(n, exc) for n, _, exc in results if exc is not None and type(exc).__name__ in WORKER_DIED]
+            self._worker_died(study, [self._in_flight[n] for n, _ in died], died[0][1])
+        for number, ret, exc in results:
+            if exc is not None and type(exc).__name__ not in WORKER_DIED:
+                raise exc  # a launcher error: the sweep stops (see _run)
+            self._in_flight.pop(number, None)
+            if exc is None:
+                self._settle(study, number, ret)
+            self._progress(study, number)
+
+    def _stop_workers(self) -> None:
+        """Stop joblib's worker processes at once (the sweep is interrupted): the threads waiting on them
+        return, and nothing trains on. In one blocking call, joblib did this itself."""
+        if type(self.launcher).__name__ == "JoblibLauncher":
+            from joblib.externals.loky import reusable_executor
+
+            executor = reusable_executor._executor  # noqa: SLF001 (loky's pool, reused across launches)
+            if executor is not None:
+                executor.terminate(kill_workers=True) if hasattr(executor, "terminate") else \
+                    executor.shutdown(wait=False, kill_workers=True)
 
     def _settle(self, study: optuna.Study, number: int, ret: JobReturn) -> None:
         """A job's trial that its job left RUNNING (it failed before it could tell, or tells no result)."""

@@ -10,6 +10,7 @@ study takes. An interrupted trial stays visible but does not count towards n_tri
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -150,6 +151,13 @@ class Pruned(Exception):
         self.epoch, self.value = epoch, value
 
 
+@functools.lru_cache(maxsize=4)
+def _job_storage(url: str, heartbeat_interval: int, grace_period: int) -> Any:
+    """One storage per worker process and study store: a reused worker opens (and checks the schema of)
+    the database once, not once per trial."""
+    return open_storage(url, heartbeat_interval, grace_period)
+
+
 class JobTrial:
     """A job's handle on its own Optuna trial (the job runs apart from the sweeper, maybe in a worker
     process or on another machine): heartbeat while it lives, epochs reported for pruning, run ids left
@@ -161,7 +169,7 @@ class JobTrial:
 
         pruner_obj = (instantiate(pruner, _execution_whitelist_=("optuna.pruners.*",)) if pruner
                       else optuna.pruners.NopPruner())
-        self.storage = open_storage(storage, heartbeat_interval, grace_period)
+        self.storage = _job_storage(storage, heartbeat_interval, grace_period)
         # a job never samples: the study's own sampler lives in the sweeping process
         self.study = optuna.load_study(study_name=study, storage=self.storage, pruner=pruner_obj,
                                        sampler=optuna.samplers.RandomSampler())
