@@ -343,6 +343,25 @@ class _Impl(OptunaSweeperImpl):
                 executor.terminate(kill_workers=True) if hasattr(executor, "terminate") else \
                     executor.shutdown(wait=False, kill_workers=True)
 
+    def _progress(self, study: optuna.Study, number: int) -> None:
+        """One line per finished trial: its result, how far the study is, the best so far, time left."""
+        all_trials = study.get_trials(deepcopy=False)
+        trial = next(t for t in all_trials if t.number == number)
+        done = counted(all_trials)
+        self._done_here += 1
+        states = ", ".join(f"{n} {s.name}" for s in trials.FINISHED if (n := sum(t.state == s for t in done)))
+        elapsed = time.monotonic() - self._started
+        left = max(self.n_trials - len(done), 0)
+        eta = f", about {_duration(elapsed / self._done_here * left)} left" if left else ""
+        result = trial.state.name if trial.value is None else f"{trial.state.name}, {self._objective} {trial.value:.4g}"
+        if trials.interrupted([trial]):
+            result = "interrupted (to run again)"
+        best = ""
+        if len(self._get_directions()) == 1 and any(t.state == TrialState.COMPLETE for t in all_trials):
+            best = f" | best {study.best_trial.value:.4g} (trial {study.best_trial.number})"
+        log.info("trial %d: %s | %d of %d trials done (%s)%s | %s elapsed%s", number, result, len(done),
+                 self.n_trials, states or "none counted", best, _duration(elapsed), eta)
+
     def _settle(self, study: optuna.Study, number: int, ret: JobReturn) -> None:
         """A job's trial that its job left RUNNING (it failed before it could tell, or tells no result)."""
         if trials.find(study, number).state != TrialState.RUNNING:
