@@ -294,17 +294,19 @@ class _Impl(OptunaSweeperImpl):
                       f"hydra.sweep.subdir={trial.number}")]  # job folder = trial number: unique across processes
         self._in_flight[trial.number] = trial
 
-        def launch() -> None:
+        def job() -> JobReturn:
+            return self.launcher.launch(overrides, initial_job_idx=trial.number)[0]
+
+        def in_thread() -> None:
             try:
-                finished.put((trial.number, self.launcher.launch(overrides, initial_job_idx=trial.number)[0], None))
+                finished.put((trial.number, job(), None))
             except BaseException as exc:  # noqa: BLE001 (handed to the sweeping thread, which decides)
                 finished.put((trial.number, None, exc))
 
         if self.n_jobs == 1 or type(self.launcher).__name__ == "BasicLauncher":
-            (number, ret, exc) = (trial.number, self.launcher.launch(overrides, initial_job_idx=trial.number)[0], None)
-            finished.put((number, ret, exc))
+            finished.put((trial.number, job(), None))  # an exception here propagates to _run at once
         else:
-            threading.Thread(target=launch, name=f"trial-{trial.number}", daemon=True).start()
+            threading.Thread(target=in_thread, name=f"trial-{trial.number}", daemon=True).start()
 
     def _collect(self, study: optuna.Study, finished: queue.Queue) -> None:
         """Settle the trials that finished (waiting up to a heartbeat interval for one)."""
@@ -339,9 +341,8 @@ class _Impl(OptunaSweeperImpl):
             from joblib.externals.loky import reusable_executor
 
             executor = reusable_executor._executor  # noqa: SLF001 (loky's pool, reused across launches)
-            if executor is not None:
-                executor.terminate(kill_workers=True) if hasattr(executor, "terminate") else \
-                    executor.shutdown(wait=False, kill_workers=True)
+            if executor is not None:  # joblib's MemmappingExecutor: terminate also removes its temporary files
+                executor.terminate(kill_workers=True)
 
     def _progress(self, study: optuna.Study, number: int) -> None:
         """One line per finished trial: its result, how far the study is, the best so far, time left."""
