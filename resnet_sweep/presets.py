@@ -43,7 +43,7 @@ def register() -> None:
             OmegaConf.register_resolver(name, resolver)
     if not OmegaConf.has_resolver("cores"):
         OmegaConf.register_resolver("cores", cores)
-    ConfigStore.instance().store(name="base_config", node=Config)
+    ConfigStore.instance().store(name="base_config", node=Config, replace=True)  # register() runs per compose
 
 
 def compose(overrides: list[str], job_name: str) -> DictConfig:

@@ -50,14 +50,42 @@ def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
     processes never race to create and migrate a fresh database or the experiment.
     """
     with store_lock(uri, "mlflow"):  # MLflow creates and migrates a fresh database on first use: one process at a time
-        client = MlflowClient(uri)
+        client = mlflow_client(uri)
         found = client.get_experiment_by_name(experiment)
         if found is not None:
             return found.experiment_id
-        Path(artifact_location).mkdir(parents=True, exist_ok=True)
         # MLflow 3's UI opens an experiment of unknown kind on a GenAI traces page; this kind opens its runs
+        tags = {EXPERIMENT_KIND: "custom_model_development"}
+        if is_server(uri):  # a tracking server keeps the artifacts where it was told to (--artifacts-destination)
+            return client.create_experiment(experiment, tags=tags)
+        Path(artifact_location).mkdir(parents=True, exist_ok=True)
         return client.create_experiment(experiment, artifact_location=Path(artifact_location).resolve().as_uri(),
-                                        tags={EXPERIMENT_KIND: "custom_model_development"})
+                                        tags=tags)
+
+
+def is_server(uri: str) -> bool:
+    """An MLflow tracking server (http, https), not a database or folder this process writes itself."""
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
+_sqlite_timeout: list[bool] = []
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """MlflowClient for `uri`. SQLite connections made by this process wait up to 60 s for a lock, as
+    Optuna's do (trials.open_storage): MLflow leaves sqlite3's 5 s default, which a job writing its epoch
+    metrics can exceed while other workers and the sweeper write to the same file on a busy machine."""
+    if not _sqlite_timeout:
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        def wait_for_locks(dbapi_conn: Any, record: Any) -> None:
+            if type(dbapi_conn).__module__.startswith("sqlite3"):
+                dbapi_conn.execute("PRAGMA busy_timeout = 60000")
+
+        event.listen(Engine, "connect", wait_for_locks)
+        _sqlite_timeout.append(True)
+    return MlflowClient(uri)
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the tag MLflow's UI reads (custom_model_development: model training)
@@ -75,7 +103,7 @@ class StudyRun:
 
     def __init__(self, config: DictConfig, study: Any, sampler: Any, pruner: Any, space: dict[str, Any]) -> None:
         t = config.tracking
-        self.client = MlflowClient(t.uri) if t.enabled else None
+        self.client = mlflow_client(t.uri) if t.enabled else None
         if self.client is None:
             return
         experiment_id = prepare_store(t.uri, t.experiment, t.artifact_location)
@@ -166,7 +194,7 @@ def end_study_run(cfg: DictConfig, status: str, reason: str) -> None:
     """From a job: end its sweep's parent run (known through PARENT_ENV) `status`, if it still runs."""
     run_id = os.environ.get(PARENT_ENV)
     if run_id and cfg.tracking.enabled:
-        client = MlflowClient(cfg.tracking.uri)
+        client = mlflow_client(cfg.tracking.uri)
         if client.get_run(run_id).info.status == "RUNNING":
             JobRun(client, run_id).set_tags({"failure_reason": reason})
             client.set_terminated(run_id, status)
@@ -359,7 +387,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     if not t.enabled:
         yield None
         return
-    client = MlflowClient(t.uri)
+    client = mlflow_client(t.uri)
     experiment_id = prepare_store(t.uri, t.experiment, t.artifact_location)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

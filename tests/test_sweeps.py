@@ -185,7 +185,7 @@ def test_a_grid_killed_mid_run_trains_every_cell_exactly_once_after_the_rerun(wo
     done = counted(trials)
     cells = sorted((t.params["model.family"], t.params["model.depth"], t.params["seed"]) for t in done)
     assert cells == sorted((f, d, s) for f in ("plain", "resnet") for d in (8, 14) for s in (0, 1))
-    assert {t.state.name for t in done} == {"COMPLETE"}
+    assert {t.state.name for t in done} == {"COMPLETE"}, [(t.number, t.state.name, t.user_attrs) for t in trials]
     assert len(trials) > len(done)  # the killed cells are there too, interrupted
 
 
