@@ -30,7 +30,7 @@ from resnet_sweep.presets import register
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 from resnet_sweep.trials import JobTrial, Pruned
-from resnet_sweep.workers import cores, install_sigterm_handler, job_in_progress, label_logs
+from resnet_sweep.workers import cores, install_sigterm_handler, job_in_progress, label_logs, slurm_job, slurm_job_id
 
 log = logging.getLogger("resnet_sweep")
 # A fault for tests only, off unless this variable is set: a job training with this seed SIGKILLs its own
@@ -69,8 +69,13 @@ def run(cfg: DictConfig) -> float:
     with job_in_progress(lambda why: tracking.end_study_run(cfg, "KILLED", why) if sweeping else None):
         # the storage comes from the sweeper's own config, not an override, so its password stays out of records
         trial = (JobTrial(conf.sweep.study, str(hc.sweeper.storage), conf.sweep.trial, hc.sweeper.get("pruner"),
-                          hc.sweeper.get("heartbeat_interval", 5), hc.sweeper.get("grace_period", 20))
+                          hc.sweeper.get("heartbeat_interval", 5), hc.sweeper.get("grace_period", 20),
+                          job=f"SLURM job {slurm_job_id()}" if slurm_job_id() else "")
                  if sweeping and conf.sweep.trial is not None else None)
+        if trial is not None and trial.ended:
+            log.warning("trial %d has already ended (%s): this job (requeued, or started twice) trains nothing",
+                        trial.number, trial.ended)
+            return math.nan
         try:
             objective = train_seeds(cfg, conf, trial, sweeping)
             if trial is not None:
@@ -87,8 +92,11 @@ def run(cfg: DictConfig) -> float:
 
 def worker_threads(hc: DictConfig) -> int | None:
     """Torch threads for a job in a parallel worker: the cores shared out among the workers (one each when
-    there is a worker per core); None (torch's default, every core) for the serial and cluster launchers."""
-    if hc.runtime.choices.get("hydra/launcher") != "joblib":
+    there is a worker per core); a SLURM job's CPUs; None (torch's default, every core) otherwise."""
+    launcher = hc.runtime.choices.get("hydra/launcher")
+    if launcher == "submitit_slurm":  # the CPUs SLURM gave the job (hydra.launcher.cpus_per_task)
+        return int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or None
+    if launcher != "joblib":
         return None
     return max(1, cores() // max(1, int(hc.launcher.n_jobs)))
 
@@ -141,6 +149,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
     gradients = GradientNorms(model) if conf.trainer.grad_norms else None
     objective = conf.objective.name
     trial_tags = {} if trial is None else {"optuna.study": conf.sweep.study, "optuna.trial": trial.number}
+    trial_tags.update(slurm_job())
     run_id = None
     try:
         with tracking.job_run(cfg, {**trial_tags, "seed": seed}) as run:

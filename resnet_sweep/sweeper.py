@@ -57,6 +57,7 @@ SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
 LOCAL_WORKERS = ("JoblibLauncher",)
 MAX_STUDY_NAME = 512  # Optuna's column for study names (MAX_INDEXED_STRING_LENGTH)
 WORKER_DIED = ("TerminatedWorkerError", "BrokenProcessPool")  # what joblib's loky raises when a worker dies
+JOB_LOST = ("UncompletedJobError", "FailedJobError")  # what submitit raises for a job that left no result
 
 
 @dataclass
@@ -230,8 +231,7 @@ class _Impl(OptunaSweeperImpl):
         study, or die and be retried here)."""
         self._in_flight: dict[int, optuna.Trial] = {}
         finished: queue.Queue = queue.Queue()  # (trial number, JobReturn or None, exception or None)
-        stop_beat = trials.beat(storage, lambda: [t._trial_id for t in list(self._in_flight.values())],  # noqa: SLF001
-                                self.heartbeat_interval)
+        stop_beat = trials.beat(storage, lambda: self._unstarted(storage), self.heartbeat_interval)
         said_waiting = False
         try:
             while True:
@@ -271,6 +271,13 @@ class _Impl(OptunaSweeperImpl):
             raise
         finally:
             stop_beat()
+
+    def _unstarted(self, storage: Any) -> list[int]:
+        """Ids of the trials in flight whose jobs have not started (e.g. queued on a cluster): this process
+        beats for them. A started job beats for its own trial, so that a job which dies without a word
+        (node failure, scancel) is found by its silence, whatever becomes of this process."""
+        ids = [t._trial_id for t in list(self._in_flight.values())]  # noqa: SLF001 (Trial exposes no public id)
+        return [i for i in ids if trials.JOB not in storage.get_trial(i).user_attrs]
 
     @staticmethod
     def _ask(study: optuna.Study, storage: Any, slots: int) -> list[optuna.Trial]:
@@ -327,7 +334,9 @@ class _Impl(OptunaSweeperImpl):
             died = [(n, exc) for n, _, exc in results if exc is not None and type(exc).__name__ in WORKER_DIED]
             self._worker_died(study, [self._in_flight[n] for n, _ in died], died[0][1])
         for number, ret, exc in results:
-            if exc is not None and type(exc).__name__ not in WORKER_DIED:
+            if exc is not None and type(exc).__name__ in JOB_LOST:
+                self._job_lost(study, number, exc)
+            elif exc is not None and type(exc).__name__ not in WORKER_DIED:
                 raise exc  # a launcher error: the sweep stops (see _run)
             self._in_flight.pop(number, None)
             if exc is None:
@@ -376,6 +385,19 @@ class _Impl(OptunaSweeperImpl):
             trials.end(study, number, TrialState.FAIL, reason=f"objective was {value}")
         else:
             trials.end(study, number, TrialState.COMPLETE, [float(value)])
+
+    def _job_lost(self, study: optuna.Study, number: int, exc: BaseException) -> None:
+        """A cluster job (submitit) ended without a result: killed (scancel, preemption, a node lost) before
+        its trial could say so, which makes the trial interrupted and retried; or it raised outside the
+        task (its trial fails with the reason). A job that told its trial's end first leaves nothing to do."""
+        if trials.find(study, number).state != TrialState.RUNNING:
+            return
+        error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else ''}"
+        if type(exc).__name__ == "UncompletedJobError":
+            self._interrupt(study, number, f"interrupted: its job ended without a result ({error})")
+        else:
+            trials.end(study, number, TrialState.FAIL, reason=f"its job failed ({error})")
+            self._kill_run(number, f"its job failed ({error})", status="FAILED")
 
     def _worker_died(self, study: optuna.Study, batch: list[optuna.Trial], exc: BaseException) -> None:
         """The launcher raised: a worker process died (killed by the kernel: out of memory?). loky then

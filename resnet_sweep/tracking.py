@@ -337,7 +337,17 @@ class JobRun:
         sizes = f"{n_train}/{n_val}/{n_test}"
         dataset = Dataset(name=name, digest=hashlib.sha1(f"{name} {sizes}".encode()).hexdigest()[:8],
                           source_type="resnet_sweep", source=f"{name}: train/val/test {sizes}")
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, inputs)
+                return
+            except MlflowException as exc:
+                # MLflow inserts a new dataset row after looking for it: jobs logging the same dataset at the
+                # same moment collide on its key (seen on PostgreSQL); once one has, the row is found
+                if attempt == 2 or not re.search(r"(?i)unique|duplicate", str(exc)):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def name_result(self, result: str) -> None:
         """The run's name with how it did (see run_name)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import socket
 import threading
 import warnings
 from typing import Any, Callable
@@ -31,6 +33,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 RETRY_OF, RETRY_HISTORY = "failed_trial", "retry_history"
 WORKER_DEATHS = "worker_died"  # a trial whose worker process died beside another, and its retry (see sweeper)
 INTERRUPTED = "interrupted"  # user attr of a trial stopped from outside: FAIL, retried, not counted
+JOB = "job"  # user attr: the job that trains the trial (a SLURM job id, or a process) has started and beats itself
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int,
@@ -164,7 +167,7 @@ class JobTrial:
     for the sweeper, and the result told by the job itself."""
 
     def __init__(self, study: str, storage: str, number: int, pruner: Any = None, heartbeat_interval: int = 5,
-                 grace_period: int = 20) -> None:
+                 grace_period: int = 20, job: str = "") -> None:
         from hydra.utils import instantiate
 
         pruner_obj = (instantiate(pruner, _execution_whitelist_=("optuna.pruners.*",)) if pruner
@@ -177,7 +180,14 @@ class JobTrial:
         self.trial = optuna.trial.Trial(self.study, frozen._trial_id)  # noqa: SLF001 (no public number->id)
         self.number = number
         self.attrs: dict[str, Any] = {}
-        self._stop_beat = beat(self.storage, lambda: [frozen._trial_id], heartbeat_interval)  # noqa: SLF001
+        # a job started for a trial that has ended (e.g. SLURM requeued a job whose trial was interrupted and
+        # retried as another one) has nothing to do
+        self.ended = (None if frozen.state == TrialState.RUNNING else
+                      f"{frozen.state.name}, {frozen.user_attrs.get('fail_reason', 'its result told')}")
+        self._stop_beat: Callable[[], None] = lambda: None
+        if self.ended is None:
+            self._stop_beat = beat(self.storage, lambda: [frozen._trial_id], heartbeat_interval)  # noqa: SLF001
+            self.set(**{JOB: job or f"pid {os.getpid()} on {socket.gethostname()}"})  # the sweeper stops beating for it
 
     def set(self, **attrs: Any) -> None:
         self.attrs.update(attrs)

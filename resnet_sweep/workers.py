@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 SWEEPER_PID_ENV = "RESNET_SWEEP_SWEEPER_PID"  # set by the sweeper for jobs in its own worker processes
@@ -28,7 +29,34 @@ _why_terminated: list[str] = []  # set before we SIGTERM ourselves, so the reaso
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(_why_terminated[0] if _why_terminated else f"terminated by signal {signum}")
+    if _why_terminated:
+        raise Terminated(_why_terminated[0])
+    if os.environ.get("SLURM_JOB_ID"):  # SLURM says no more; the job cannot tell which of these it was
+        raise Terminated(f"SIGTERM from SLURM to job {slurm_job_id()} (preempted, cancelled, or at its time limit)")
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def slurm_job_id() -> str:
+    """The id that squeue, sacct and scancel show for this SLURM job: `12_0` for a task of array 12."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID", "")
+
+
+def slurm_job() -> dict[str, str]:
+    """Where this job runs on a SLURM cluster, as tags for its run (empty elsewhere): job id, partition,
+    node, restarts, and the log files that hydra-submitit-launcher's jobs write."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return {}
+    facts = {"slurm.job_id": slurm_job_id(), "slurm.partition": os.environ.get("SLURM_JOB_PARTITION", ""),
+             "slurm.node": os.environ.get("SLURMD_NODENAME", ""),
+             "slurm.restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
+             "slurm.cpus_per_task": os.environ.get("SLURM_CPUS_PER_TASK", "")}
+    if os.environ.get("SUBMITIT_FOLDER"):  # a submitit job: its stdout and stderr files
+        import submitit
+
+        paths = submitit.JobEnvironment().paths
+        facts.update({"slurm.stdout": str(Path(paths.stdout).resolve()), "slurm.stderr": str(Path(paths.stderr).resolve())})
+    return {k: v for k, v in facts.items() if v}
 
 
 def install_sigterm_handler() -> None:

@@ -3,59 +3,24 @@ real PostgreSQL server (Debian's, started here on 127.0.0.1 in a temporary folde
 
 from __future__ import annotations
 
-import getpass
-import glob
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import optuna
 import pytest
+import services
 from mlflow import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-BINDIRS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-
-
-def _as_postgres(*cmd: str) -> list[str]:
-    # PostgreSQL refuses to run as root; CI runs as root, so run its tools as the package's postgres user
-    return ["runuser", "-u", "postgres", "--", *cmd] if getpass.getuser() == "root" else list(cmd)
 
 
 @pytest.fixture
 def postgres() -> Iterator[str]:
-    if not BINDIRS:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not installed: .ci/run installs Debian's postgresql")
-        pytest.skip("Debian's postgresql is not installed (apt-get install postgresql)")
-    bindir = Path(BINDIRS[-1])
-    folder = Path(tempfile.mkdtemp(prefix="resnet_sweep_pg_"))
-    folder.chmod(0o755)
-    data = folder / "data"
-    if getpass.getuser() == "root":
-        shutil.chown(folder, "postgres")
-    with socket.socket() as s:  # a free port on loopback
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    subprocess.run(_as_postgres(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"),
-                   check=True, capture_output=True)
-    subprocess.run(_as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "start",
-                                "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"),
-                   check=True, capture_output=True)
-    try:
-        for db in ("optuna", "mlflow"):
-            subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db],
-                           check=True, capture_output=True)
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
-    finally:
-        subprocess.run(_as_postgres(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"),
-                       capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+    with services.postgres() as url:
+        yield url
 
 
 def test_two_sweeps_of_one_postgres_study_started_together_record_every_trial_once(postgres: str,
