@@ -17,11 +17,11 @@ from typing import Any, Optional
 from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
 
 from resnet_sweep.errors import UserError
-from resnet_sweep.models import ACTIVATIONS, ARTICLE_DEPTH, IMAGENET_DEPTHS, cifar_depths
+from resnet_sweep.architectures import ACTIVATION_NAMES, ARTICLE_DEPTH, IMAGENET_DEPTHS, cifar_depths
 
 Family = enum.Enum("Family", "plain resnet")
 Layout = enum.Enum("Layout", "cifar imagenet article")
-Activation = enum.Enum("Activation", " ".join(ACTIVATIONS))
+Activation = enum.Enum("Activation", " ".join(ACTIVATION_NAMES))
 Norm = enum.Enum("Norm", "batch none")
 Shortcut = enum.Enum("Shortcut", "A B")
 Init = enum.Enum("Init", "kaiming xavier normal torch")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from resnet_sweep.architectures import ACTIVATION_NAMES, IMAGENET_DEPTHS
+
 
 
 class ModelConfig(Protocol):
@@ -32,7 +34,6 @@ class ModelConfig(Protocol):
     init_std: float
     stem: Any  # auto | small | large
 
-# The one place to add an activation: config.Activation is made from these keys.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "sigmoid": nn.Sigmoid,
@@ -41,28 +42,14 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
     "elu": nn.ELU,
 }
-
-# He et al. 2015, Table 1: blocks per stage of the ImageNet nets.
-IMAGENET_DEPTHS: dict[int, tuple[str, list[int]]] = {
-    18: ("basic", [2, 2, 2, 2]),
-    34: ("basic", [3, 4, 6, 3]),
-    50: ("bottleneck", [3, 4, 6, 3]),
-    101: ("bottleneck", [3, 4, 23, 3]),
-    152: ("bottleneck", [3, 8, 36, 3]),
-}
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "architectures.ACTIVATION_NAMES and ACTIVATIONS must agree"
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)  # He et al. 2015, section 4.2: 6n+2 layers, n blocks a stage
-ARTICLE_DEPTH = 11  # weighted layers of the seed article's model: 4 convs, 3 blocks of 2, 1 linear
 
 # The `stem: auto` rule: inputs at least this many pixels on their shorter side get the ImageNet stem
 # (7x7 stride 2 + max-pool); smaller ones (digits, MNIST, CIFAR) get a 3x3 stride-1 conv, as in the
 # paper's CIFAR nets, since a 4x downsampling would leave a 28x28 image 7x7 before the first stage.
 LARGE_STEM_MIN_SIDE = 64
-
-
-def cifar_depths(limit: int = 1202) -> list[int]:
-    """The CIFAR-style depths 6n+2 up to `limit` (1202 is the paper's deepest)."""
-    return list(range(8, limit + 1, 6))
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Conv2d:

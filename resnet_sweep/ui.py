@@ -4,6 +4,7 @@ the link that opens the experiment's runs table, every run's net and result in v
 Why not plain `mlflow ui`: MLflow 3's UI opens experiments on a GenAI traces page ("GenAI" mode, kept in
 the browser) and shows a sweep's trials folded under their parent; a link can choose the "Model training"
 mode, the runs tab, a filter and an order. This also turns MLflow's usage telemetry off for the server.
+With `--uri http://HOST:PORT` (a team's tracking server) it only prints the link into that server's UI.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         experiment_id, name, objective = find_experiment(uri, args.experiment)
     except UserError as exc:
         exit_with(exc)
+    from resnet_sweep.tracking import is_server
+
+    if is_server(uri):  # a tracking server already serves its UI: only the link is needed
+        print(f"Open {runs_url(uri, experiment_id, objective)}\n(experiment '{name}': its runs, best {objective} first)")
+        return 0
     url = runs_url(f"http://{args.host}:{args.port}", experiment_id, objective)
     print(f"Open {url}\n(experiment '{name}': its runs, best {objective} first; Ctrl-C stops the server)", flush=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}

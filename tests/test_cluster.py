@@ -5,7 +5,6 @@ SLURM preempts or cancels their jobs and when the sweeping process is killed whi
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -146,6 +145,9 @@ def test_a_slurm_sweep_runs_each_trial_as_a_job_and_records_it_through_the_mlflo
     assert "4 run(s) on digits" in summary.read_text() and "| resnet | 20 | 4/4 |" in summary.read_text()
     files = [f.path for f in MlflowClient(cluster.mlflow).list_artifacts(parent.info.run_id, "report")]
     assert "report/summary.md" in files  # uploaded to the sweep's run through the server
+    ui = subprocess.run([sys.executable, "-m", "resnet_sweep.ui", "--uri", cluster.mlflow, "--experiment", "slurm4"],
+                        capture_output=True, text=True, timeout=120)
+    assert ui.returncode == 0 and f"Open {cluster.mlflow}/#/experiments/{parent.info.experiment_id}/runs?" in ui.stdout
 
 
 def test_a_preempted_trial_ends_its_run_killed_and_is_retried(cluster: Cluster, tmp_path: Path) -> None:

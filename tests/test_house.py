@@ -19,6 +19,16 @@ def test_the_training_modules_import_none_of_hydra_mlflow_or_optuna(module: str)
     assert out.strip() == "", f"importing {module} pulled in {out.strip()}"
 
 
+def test_the_sweeping_process_never_imports_torch() -> None:
+    """What a sweep's own process loads (entry point, sweeper, launchers): on a cluster's login node it runs
+    for days, so it stays small; the jobs import torch when they start (resnet_sweep/job.py)."""
+    code = ("import sys, resnet_sweep.__main__, resnet_sweep.sweeper, resnet_sweep.config, "
+            "hydra_plugins.hydra_submitit_launcher.submitit_launcher, hydra_plugins.hydra_joblib_launcher; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_models_do_not_import_config() -> None:
     """The dependency runs config -> models only (models.ModelConfig is a Protocol)."""
     import resnet_sweep.models as models
