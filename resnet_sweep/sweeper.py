@@ -58,6 +58,7 @@ LOCAL_WORKERS = ("JoblibLauncher",)
 MAX_STUDY_NAME = 512  # Optuna's column for study names (MAX_INDEXED_STRING_LENGTH)
 WORKER_DIED = ("TerminatedWorkerError", "BrokenProcessPool")  # what joblib's loky raises when a worker dies
 JOB_LOST = ("UncompletedJobError", "FailedJobError")  # what submitit raises for a job that left no result
+CLUSTER_LAUNCHERS = ("SlurmLauncher", "LocalLauncher")  # hydra-submitit-launcher's
 
 
 @dataclass
@@ -230,6 +231,7 @@ class _Impl(OptunaSweeperImpl):
         trial never holds the other workers. Waits while other processes' trials run (they may finish the
         study, or die and be retried here)."""
         self._in_flight: dict[int, optuna.Trial] = {}
+        self._ended_at: dict[int, float] = {}  # when a trial in flight was first seen ended (_release_ended)
         finished: queue.Queue = queue.Queue()  # (trial number, JobReturn or None, exception or None)
         stop_beat = trials.beat(storage, lambda: self._unstarted(storage), self.heartbeat_interval)
         said_waiting = False
@@ -320,9 +322,11 @@ class _Impl(OptunaSweeperImpl):
         try:
             results = [finished.get(timeout=self.heartbeat_interval)]
         except queue.Empty:
+            self._release_ended(study)
             return
         while not finished.empty():
             results.append(finished.get_nowait())
+        results = [r for r in results if r[0] in self._in_flight]  # a released trial's job, come back late
         died = [(n, exc) for n, _, exc in results if exc is not None and type(exc).__name__ in WORKER_DIED]
         if died:
             # loky stops every worker of its pool when one dies: every trial in flight fails with it
@@ -342,6 +346,23 @@ class _Impl(OptunaSweeperImpl):
             if exc is None:
                 self._settle(study, number, ret)
             self._progress(study, number)
+
+    def _release_ended(self, study: optuna.Study) -> None:
+        """Free the slot of a cluster job whose trial has ended while the launcher still waits for the job.
+        Why: submitit waits for a job that SLURM preempted as if it were to be requeued, but ours are not
+        (--no-requeue), and the job told its trial first (interrupted, to be retried). The waiting thread
+        is left to itself; what it brings back later is ignored."""
+        if type(self.launcher).__name__ not in CLUSTER_LAUNCHERS:
+            return
+        now, wait = time.monotonic(), max(30.0, 3.0 * self.heartbeat_interval)  # submitit usually answers first
+        for number in list(self._in_flight):
+            if trials.find(study, number).state == TrialState.RUNNING:
+                continue
+            ended = self._ended_at.setdefault(number, now)
+            if now - ended >= wait:
+                log.info("trial %d has ended, but its job has not come back in %.0f s: its slot is free", number, wait)
+                self._in_flight.pop(number)
+                self._progress(study, number)
 
     def _stop_workers(self) -> None:
         """Stop joblib's worker processes at once (the sweep is interrupted): the threads waiting on them
@@ -364,7 +385,7 @@ class _Impl(OptunaSweeperImpl):
         left = max(self.n_trials - len(done), 0)
         eta = f", about {_duration(elapsed / self._done_here * left)} left" if left else ""
         result = trial.state.name if trial.value is None else f"{trial.state.name}, {self._objective} {trial.value:.4g}"
-        if trials.interrupted([trial]):
+        if number in trials.interrupted(all_trials):  # (a retry's own history names the trial it retries)
             result = "interrupted (to run again)"
         best = ""
         if len(self._get_directions()) == 1 and any(t.state == TrialState.COMPLETE for t in all_trials):

@@ -83,13 +83,15 @@ def slurm_id(trial: optuna.trial.FrozenTrial) -> str:
     return str(trial.user_attrs["job"]).removeprefix("SLURM job ")
 
 
-def wait_for_jobs(cluster: Cluster, name: str, n: int, proc: subprocess.Popen, log: Path, timeout: float = 120) -> list:
-    """Until `n` trials of study `name` are trained by started SLURM jobs; returns those trials."""
+def wait_for_jobs(cluster: Cluster, name: str, n: int, proc: subprocess.Popen, log: Path, timeout: float = 120,
+                  attr: str = "mlflow_run_id") -> list:
+    """Until `n` trials of study `name` are trained by started SLURM jobs that have set user attr `attr`
+    (mlflow_run_id: the job is training, its run recorded); returns those trials."""
     deadline = time.monotonic() + timeout
     while True:
         assert proc.poll() is None, log.read_text()[-4000:]
         try:
-            started = [t for t in cluster.study(name).trials if t.state.name == "RUNNING" and "job" in t.user_attrs]
+            started = [t for t in cluster.study(name).trials if t.state.name == "RUNNING" and attr in t.user_attrs]
         except Exception:  # noqa: BLE001 (the study, or the schema, is not created yet)
             started = []
         if len(started) >= n:
@@ -166,6 +168,9 @@ def test_a_preempted_trial_ends_its_run_killed_and_is_retried(cluster: Cluster, 
     assert "SIGTERM from SLURM" in victim.user_attrs["fail_reason"]
     retry = [t for t in trials if victim.number in t.system_attrs.get("retry_history", [])]
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == victim.params
+    progress = log.read_text()  # the sweep's line per trial says which was interrupted and which completed
+    assert f"trial {victim.number}: interrupted (to run again)" in progress
+    assert f"trial {retry[0].number}: COMPLETE" in progress
     runs = {r.info.run_id: r for r in cluster.runs("preempt")}
     killed = runs[victim.user_attrs["mlflow_run_id"]]
     assert killed.info.status == "KILLED" and "SIGTERM from SLURM" in killed.data.tags["failure_reason"]
@@ -179,7 +184,7 @@ def test_killing_the_sweeping_process_leaves_its_jobs_training_and_a_rerun_adopt
                                                                                        tmp_path: Path) -> None:
     args = ("trainer.epochs=15", "data.train_subset=256", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2")
     proc, log = cluster.start(tmp_path, "adopt", *args)
-    first = wait_for_jobs(cluster, "adopt", 2, proc, log)
+    first = wait_for_jobs(cluster, "adopt", 2, proc, log, attr="job")  # started, whatever they are doing
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(6)  # longer than grace_period: had the jobs' trials no heartbeat of their own, they would go stale
@@ -196,18 +201,24 @@ def test_killing_the_sweeping_process_leaves_its_jobs_training_and_a_rerun_adopt
     assert len(trials) == 4
 
 
-def test_a_cancelled_job_s_trial_is_retried_and_the_sweep_goes_on(cluster: Cluster, tmp_path: Path) -> None:
+def test_cancelled_and_silently_killed_jobs_have_their_trials_retried_and_the_sweep_goes_on(cluster: Cluster,
+                                                                                            tmp_path: Path) -> None:
     proc, log = cluster.start(tmp_path, "scancel", "trainer.epochs=40", "data.train_subset=256",
                               "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
-    (victim, *_) = wait_for_jobs(cluster, "scancel", 1, proc, log)
+    cancelled, killed = wait_for_jobs(cluster, "scancel", 2, proc, log)
     time.sleep(2)
-    cluster.slurm("scancel", slurm_id(victim))
+    cluster.slurm("scancel", slurm_id(cancelled))  # SIGTERM: the job says why it stops
+    cluster.slurm("scancel", "--signal=KILL", slurm_id(killed))  # SIGKILL: it dies without a word
     assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
     trials = assert_finished_cleanly(cluster, "scancel", 2)
-    cancelled = next(t for t in trials if t.number == victim.number)
-    assert cancelled.state.name == "FAIL" and cancelled.user_attrs.get("interrupted")
-    assert "SIGTERM from SLURM" in cancelled.user_attrs["fail_reason"]
-    assert any(victim.number in t.system_attrs.get("retry_history", []) and t.state.name == "COMPLETE" for t in trials)
+    by_number = {t.number: t for t in trials}
+    for victim in (cancelled, killed):
+        assert by_number[victim.number].state.name == "FAIL"  # interrupted: not counted, its retry is
+        assert any(victim.number in t.system_attrs.get("retry_history", []) and t.state.name == "COMPLETE"
+                   for t in trials)
+    assert "SIGTERM from SLURM" in by_number[cancelled.number].user_attrs["fail_reason"]
+    retry = next(t for t in trials if killed.number in t.system_attrs.get("retry_history", []))
+    print(f"trial {killed.number}, its job SIGKILLed, retried as trial {retry.number}: {retry.user_attrs['retry_reason']}")
 
 
 def test_two_sweep_processes_of_one_study_through_the_mlflow_server(cluster: Cluster, tmp_path: Path) -> None:
