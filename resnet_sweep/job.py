@@ -155,7 +155,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
 
             def on_epoch(metrics: dict[str, float], epoch: int) -> None:
                 if run is not None:
-                    run.log_metrics(metrics, epoch)
+                    run.log_metrics(metrics, epoch, wait=False)  # written while the next epoch trains
                 if os.environ.get(FAULT_SIGKILL_SEED) == str(seed):
                     os.kill(os.getpid(), signal.SIGKILL)
                 # after the last epoch there is nothing left to save: the trial completes
