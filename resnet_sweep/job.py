@@ -28,7 +28,7 @@ from resnet_sweep.models import build_model, count_parameters, removable_blocks
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
 from resnet_sweep.trials import JobTrial, Pruned
-from resnet_sweep.workers import cores, install_sigterm_handler, job_in_progress, label_logs, slurm_job, slurm_job_id
+from resnet_sweep.workers import cores, install_sigterm_handler, job_in_progress, label_logs, slurm_job
 
 log = logging.getLogger("resnet_sweep")
 # A fault for tests only, off unless this variable is set: a job training with this seed SIGKILLs its own
@@ -54,8 +54,7 @@ def run(cfg: DictConfig) -> float:
     with job_in_progress(lambda why: tracking.end_study_run(cfg, "KILLED", why) if sweeping else None):
         # the storage comes from the sweeper's own config, not an override, so its password stays out of records
         trial = (JobTrial(conf.sweep.study, str(hc.sweeper.storage), conf.sweep.trial, hc.sweeper.get("pruner"),
-                          hc.sweeper.get("heartbeat_interval", 5), hc.sweeper.get("grace_period", 20),
-                          job=f"SLURM job {slurm_job_id()}" if slurm_job_id() else "")
+                          hc.sweeper.get("heartbeat_interval", 5), hc.sweeper.get("grace_period", 20))
                  if sweeping and conf.sweep.trial is not None else None)
         if trial is not None and trial.ended:
             log.warning("trial %d has already ended (%s): this job (requeued, or started twice) trains nothing",

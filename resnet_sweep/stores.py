@@ -20,6 +20,26 @@ class StoreError(UserError):
     """A database that cannot be used as it is; the message names the file, the key and the fix."""
 
 
+_waiting_for_locks: list[bool] = []
+
+
+def wait_for_sqlite_locks() -> None:
+    """Make every SQLite connection this process opens through SQLAlchemy (MLflow's and Optuna's) wait up to
+    60 s for a lock: sqlite3's 5 s default can pass while parallel workers and the sweeper write one file on
+    a busy machine. Called where a store is opened; installs its listener once."""
+    if _waiting_for_locks:
+        return
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def wait(dbapi_conn: object, record: object) -> None:
+        if type(dbapi_conn).__module__.startswith("sqlite3"):
+            dbapi_conn.execute("PRAGMA busy_timeout = 60000")  # type: ignore[attr-defined]
+
+    event.listen(Engine, "connect", wait)
+    _waiting_for_locks.append(True)
+
+
 def check_store(url: str, key: str) -> None:
     """Raise StoreError if the SQLite database at `url` (named by config key `key`) is not one, or cannot
     be written; other stores are left to their own client. Run before any data loads or run is created."""

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from resnet_sweep.stores import store_lock
+from resnet_sweep.stores import store_lock, wait_for_sqlite_locks
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +68,9 @@ def is_server(uri: str) -> bool:
     return uri.split(":", 1)[0].lower() in ("http", "https")
 
 
-_sqlite_timeout: list[bool] = []
-
-
 def mlflow_client(uri: str) -> MlflowClient:
-    """MlflowClient for `uri`. SQLite connections made by this process wait up to 60 s for a lock, as
-    Optuna's do (trials.open_storage): MLflow leaves sqlite3's 5 s default, which a job writing its epoch
-    metrics can exceed while other workers and the sweeper write to the same file on a busy machine."""
-    if not _sqlite_timeout:
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
-
-        def wait_for_locks(dbapi_conn: Any, record: Any) -> None:
-            if type(dbapi_conn).__module__.startswith("sqlite3"):
-                dbapi_conn.execute("PRAGMA busy_timeout = 60000")
-
-        event.listen(Engine, "connect", wait_for_locks)
-        _sqlite_timeout.append(True)
+    """MlflowClient for `uri`; its SQLite connections wait for locks as long as Optuna's (stores)."""
+    wait_for_sqlite_locks()
     return MlflowClient(uri)
 
 

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from resnet_sweep.workers import Terminated
+from resnet_sweep.stores import wait_for_sqlite_locks
+from resnet_sweep.workers import Terminated, slurm_job_id
 
 # Optuna marks storage heartbeats experimental and meant for study.optimize; we beat ourselves.
 warnings.filterwarnings("ignore", message=r".*heartbeat", category=optuna.exceptions.ExperimentalWarning)
@@ -43,8 +44,8 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int,
     The first opening creates Optuna's schema: do that under stores.store_lock (two processes at once collide)."""
     if not isinstance(url, str) or url.startswith("journal"):
         return url
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
+    wait_for_sqlite_locks()
+    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
                                       grace_period=grace_period, heartbeat_stale_trial_callback=on_stale)
 
 
@@ -167,7 +168,7 @@ class JobTrial:
     for the sweeper, and the result told by the job itself."""
 
     def __init__(self, study: str, storage: str, number: int, pruner: Any = None, heartbeat_interval: int = 5,
-                 grace_period: int = 20, job: str = "") -> None:
+                 grace_period: int = 20) -> None:
         from hydra.utils import instantiate
 
         pruner_obj = (instantiate(pruner, _execution_whitelist_=("optuna.pruners.*",)) if pruner
@@ -187,7 +188,8 @@ class JobTrial:
         self._stop_beat: Callable[[], None] = lambda: None
         if self.ended is None:
             self._stop_beat = beat(self.storage, lambda: [frozen._trial_id], heartbeat_interval)  # noqa: SLF001
-            self.set(**{JOB: job or f"pid {os.getpid()} on {socket.gethostname()}"})  # the sweeper stops beating for it
+            job = f"SLURM job {slurm_job_id()}" if slurm_job_id() else f"pid {os.getpid()} on {socket.gethostname()}"
+            self.set(**{JOB: job})  # the sweeper stops beating for it
 
     def set(self, **attrs: Any) -> None:
         self.attrs.update(attrs)

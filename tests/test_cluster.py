@@ -182,14 +182,17 @@ def test_a_preempted_trial_ends_its_run_killed_and_is_retried(cluster: Cluster, 
 
 def test_killing_the_sweeping_process_leaves_its_jobs_training_and_a_rerun_adopts_them(cluster: Cluster,
                                                                                        tmp_path: Path) -> None:
-    args = ("trainer.epochs=15", "data.train_subset=256", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2")
+    # 60 epochs: long enough that the jobs still train after the wait below on a fast machine (15 epochs of 256
+    # images once finished within it on CI)
+    args = ("trainer.epochs=60", "data.train_subset=256", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2")
     proc, log = cluster.start(tmp_path, "adopt", *args)
     first = wait_for_jobs(cluster, "adopt", 2, proc, log, attr="job")  # started, whatever they are doing
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(6)  # longer than grace_period: had the jobs' trials no heartbeat of their own, they would go stale
-    assert {t.number: t.state.name for t in cluster.study("adopt").trials if t.number in {f.number for f in first}} \
-        == {t.number: "RUNNING" for t in first}
+    states = {t.number: t.state.name for t in cluster.study("adopt").trials if t.number in {f.number for f in first}}
+    assert set(states.values()) <= {"RUNNING", "COMPLETE"}, states  # alive (or done on their own), never stale
+    assert "RUNNING" in states.values(), states  # so the rerun below has a job to adopt
     text = cluster.sweep(tmp_path, "adopt", *args)
     for t in first:  # the rerun launched no job for them
         assert f"sweep.trial={t.number} " not in text and not text.rstrip().endswith(f"sweep.trial={t.number}")
