@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -287,7 +288,12 @@ class JobRun:
 
     def __init__(self, client: MlflowClient, run_id: str, cfg: dict[str, Any] | None = None) -> None:
         self.client, self.run_id, self.cfg = client, run_id, cfg
-        self._pending: list[Any] = []  # MLflow's RunOperations of writes not waited for (log_metrics(wait=False))
+        # writes not waited for (log_metrics(wait=False)), made by a thread of our own: MLflow's asynchronous
+        # logging (log_batch(synchronous=False)) would do the same, but then set_terminated shuts its queue
+        # down, which waits up to 1 s for the queue's idle thread (measured: ~1 s per run, more than a short
+        # trial's three epochs spend writing)
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(clean_key(k), shorten(mask_passwords(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
@@ -298,7 +304,7 @@ class JobRun:
         self.client.log_batch(self.run_id, tags=items)
 
     def log_metrics(self, metrics: dict[str, float], step: int, wait: bool = True) -> None:
-        """With wait=False (an epoch's metrics), MLflow writes them in its background thread while training
+        """With wait=False (an epoch's metrics), a background thread writes them while training
         goes on: on a local SQLite store a write waits ~40 ms for the disk, per epoch. flush() waits."""
         self.log_series({k: {step: v} for k, v in metrics.items()}, wait)
 
@@ -308,14 +314,21 @@ class JobRun:
         items = [Metric(clean_key(k), float(v), now, step) for k, steps in series.items() for step, v in steps.items()]
         if wait:
             self.client.log_batch(self.run_id, metrics=items)
-        else:
-            self._pending.append(self.client.log_batch(self.run_id, metrics=items, synchronous=False))
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="mlflow-writes")  # one: in order
+        self._pending.append(self._writer.submit(self.client.log_batch, self.run_id, metrics=items))
 
     def flush(self) -> None:
-        """Wait for the writes log_metrics(wait=False) left to MLflow's background thread (raises if one failed)."""
+        """Wait for the writes log_metrics(wait=False) left to the background thread (raises if one failed)."""
         pending, self._pending = self._pending, []
-        for operation in pending:
-            operation.wait()
+        try:
+            for write in pending:
+                write.result()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
 
     def log_text_folder(self, folder: Path, artifact_path: str | None = None) -> None:
         """The files of `folder`, with any password in a URL masked (Hydra's own .hydra/ files keep what
