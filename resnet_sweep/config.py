@@ -214,10 +214,11 @@ class TrackingConfig:
 
 @dataclass
 class SweepConfig:
-    """What a job of a sweep knows of its Optuna trial; the sweeper sets study and trial."""
+    """What a job of a sweep knows of its Optuna trial; the sweeper sets study, trial and parent_run."""
 
     study: Optional[str] = None
     trial: Optional[int] = None  # the trial's number in the study (= the job's number)
+    parent_run: Optional[str] = None  # the study's MLflow run: the job's run becomes its child
     seeds: int = 1  # repeats of each trial over seeds seed, seed+1, ...: objective = their mean
 
     def __post_init__(self) -> None:

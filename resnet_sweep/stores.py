@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import os
 import sqlite3
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from resnet_sweep.errors import UserError
 
@@ -40,19 +42,42 @@ def wait_for_sqlite_locks() -> None:
     _waiting_for_locks.append(True)
 
 
-def check_store(url: str, key: str) -> None:
-    """Raise StoreError if the SQLite database at `url` (named by config key `key`) is not one, or cannot
-    be written; other stores are left to their own client. Run before any data loads or run is created."""
+def sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite database URL; None for other stores (and in-memory SQLite)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        return
+    except ArgumentError:  # not a database URL (an MLflow folder, a journal file)
+        return None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def create_whole(url: str, create: Callable[[str], object]) -> None:
+    """Make a missing SQLite database at `url` whole or not at all: `create(url)` builds it in a temporary
+    file beside it, which is then renamed into place. MLflow's schema is ~2 s of migrations: a Ctrl-C in
+    the middle left a half-made mlflow.db that every later command failed on ("table span_metrics already
+    exists"). Call under store_lock; a no-op for an existing file or another store (it makes its own)."""
+    path = sqlite_file(url)
+    if path is None or path.exists():
         return
-    path = Path(parsed.database)
+    for left in path.parent.glob(f".{path.name}.creating-*"):  # by creations that were interrupted
+        left.unlink(missing_ok=True)
+    # a new name each time: MLflow keeps a store per URL, and would not make a file it once made again
+    partial = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+    create(f"sqlite:///{partial.resolve()}")
+    os.replace(partial, path)
+
+
+def check_store(url: str, key: str) -> None:
+    """Raise StoreError if the SQLite database at `url` (named by config key `key`) is not one, or cannot
+    be written; other stores are left to their own client. Run before any data loads or run is created."""
+    path = sqlite_file(url)
+    if path is None:
+        return
     if not path.parent.is_dir():
         raise StoreError(f"{key}={url}: the folder {path.parent} does not exist; create it or point {key} elsewhere")
     if not path.exists():

@@ -43,7 +43,7 @@ from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import FrozenTrial, TrialState
 
-from resnet_sweep import stores, tracking, trials
+from resnet_sweep import stores, tracking, trials, workers
 from resnet_sweep.config import ConfigError, validate
 from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.trials import counted
@@ -178,20 +178,39 @@ class _Impl(OptunaSweeperImpl):
         for name in fixed:
             space.pop(name, None)
         self.parent: tracking.StudyRun | None = None
-        # one process at a time creates the schema, the study and its MLflow parent run
-        with stores.store_lock(str(self.storage)):
-            storage = trials.open_storage(self.storage, self.heartbeat_interval, self.grace_period, self._stale)
-            study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
-                                        pruner=self.pruner, directions=self._get_directions(), load_if_exists=True)
-            self.parent = parent = tracking.StudyRun(self.config, study, self._sampler_settings(), self.pruner, space)
-        log.info("Study %s in %s: %d trials finished of n_trials=%d", study.study_name,
-                 tracking.safe_url(str(self.storage)), len(counted(study.trials)), self.n_trials)
         if type(self.launcher).__name__ in LOCAL_WORKERS:
-            os.environ[SWEEPER_PID_ENV] = str(os.getpid())
+            os.environ[SWEEPER_PID_ENV] = str(os.getpid())  # before any worker starts: workers watch this process
+        try:
+            # one process at a time creates the schema, the study, a fresh MLflow database and the parent run
+            with stores.store_lock(str(self.storage)):
+                storage = trials.open_storage(self.storage, self.heartbeat_interval, self.grace_period, self._stale)
+                study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
+                                            pruner=self.pruner, directions=self._get_directions(), load_if_exists=True)
+                log.info("Study %s in %s: %d trials finished of n_trials=%d", study.study_name,
+                         tracking.safe_url(str(self.storage)), len(counted(study.trials)), self.n_trials)
+                warm = self._warm_workers() if len(counted(study.trials)) < self.n_trials else None
+                if (t := self.config.tracking).enabled:  # a fresh MLflow database is made while workers warm up
+                    tracking.prepare_store(t.uri, t.experiment, t.artifact_location)
+            if warm is not None:
+                warm()
+        except (KeyboardInterrupt, Terminated) as exc:  # before any trial or run exists: nothing to mark
+            self._stop_workers()
+            log.error("Sweep interrupted (%s: %s) before any trial started; run the same command again to start "
+                      "it.", type(exc).__name__, exc)
+            raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 143) from None  # 128 + SIGINT/SIGTERM
+        except BaseException:
+            self._stop_workers()  # workers that started would keep this process ~6 s finishing their imports
+            raise
+        # the parent run starts when the workers can train: the sweep's record spans its trials
+        with stores.store_lock(str(self.storage)):
+            self.parent = parent = tracking.StudyRun(self.config, study, self._sampler_settings(), self.pruner, space)
         self._started, self._done_here = time.monotonic(), 0  # for the progress lines' time left
         self._objective = getattr(self.config.get("objective"), "name", self.config.get("objective", "objective"))
         try:
             self._run(study, storage, space, fixed, fixed_overrides)
+            # nothing is in flight: stop the workers now rather than at exit, where each spent ~3 s tearing
+            # down its interpreter (torch, MLflow) while the command seemed done
+            self._stop_workers()
             self._finish(study, parent)
         except SystemExit:
             raise  # the failure summary has ended the parent run
@@ -223,6 +242,44 @@ class _Impl(OptunaSweeperImpl):
         stores.check_store(str(self.storage), "hydra.sweeper.storage")
         if conf.tracking.enabled:
             stores.check_store(conf.tracking.uri, "tracking.uri")
+
+    def _warm_workers(self) -> Callable[[], None] | None:
+        """Start joblib's worker processes now and have each import what a job needs (workers.warm_up, ~6 s
+        a worker on 2 cores) while this process opens the stores; returns a wait() for them, or None for
+        other launchers. Hydra's joblib launcher starts its workers at the first launch, so every worker
+        paid its imports inside the first trial (measured: 6.2 s from launch to the first training step).
+        Our own because the launcher offers no start-up hook; it mirrors the Parallel arguments of its
+        launch() (hydra_joblib_launcher._core), so that loky reuses these very workers for the trials."""
+        if type(self.launcher).__name__ != "JoblibLauncher":
+            return None
+        from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+        from joblib import Parallel, delayed
+
+        parallel_cfg = dict(self.launcher.joblib)
+        process_joblib_cfg(parallel_cfg)
+        if parallel_cfg.get("backend") != "loky" or parallel_cfg.pop("inner_max_num_threads", None) is not None:
+            return None  # a pool set up otherwise than ours: leave it to the launcher
+        done, failed = threading.Event(), []
+
+        def start() -> None:
+            try:
+                Parallel(**parallel_cfg)(delayed(workers.warm_up)() for _ in range(self.n_jobs))
+            except BaseException as exc:  # noqa: BLE001 (the first trial meets the same problem and reports it)
+                failed.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=start, name="warm-workers", daemon=True).start()
+        log.info("starting %d worker processes (each imports torch, MLflow, Optuna: a few seconds)", self.n_jobs)
+
+        def wait() -> None:
+            while not done.wait(0.5):  # in slices: Ctrl-C and SIGTERM reach this thread while it waits
+                pass
+            if failed:
+                log.warning("starting the workers failed (%s: %s); trials start them again",
+                            type(failed[0]).__name__, failed[0])
+
+        return wait
 
     def _run(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
              fixed_overrides: list[str]) -> None:
@@ -299,7 +356,9 @@ class _Impl(OptunaSweeperImpl):
         worker processes, SLURM): the launcher API is one blocking call per batch, and this is the smallest
         way to let trials end one by one."""
         (overrides,) = self._configure_trials([trial], space, fixed, fixed_overrides)
+        parent = getattr(self.parent, "run_id", None)  # its trials' runs become its children
         overrides = [(*overrides, _override("sweep.study", trial.study.study_name), f"sweep.trial={trial.number}",
+                      *([_override("sweep.parent_run", parent)] if parent else []),
                       f"hydra.sweep.subdir={trial.number}")]  # job folder = trial number: unique across processes
         self._in_flight[trial.number] = trial
 
@@ -365,8 +424,9 @@ class _Impl(OptunaSweeperImpl):
                 self._progress(study, number)
 
     def _stop_workers(self) -> None:
-        """Stop joblib's worker processes at once (the sweep is interrupted): the threads waiting on them
-        return, and nothing trains on. In one blocking call, joblib did this itself."""
+        """Stop joblib's worker processes at once: when the sweep is interrupted, the threads waiting on them
+        return and nothing trains on (in one blocking call, joblib did this itself); when it is done, the
+        command ends without waiting for them to exit."""
         if type(self.launcher).__name__ == "JoblibLauncher":
             from joblib.externals.loky import reusable_executor
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from resnet_sweep.stores import store_lock, wait_for_sqlite_locks
+from resnet_sweep.stores import create_whole, store_lock, wait_for_sqlite_locks
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,7 @@ def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
     processes never race to create and migrate a fresh database or the experiment.
     """
     with store_lock(uri, "mlflow"):  # MLflow creates and migrates a fresh database on first use: one process at a time
+        create_whole(uri, lambda partial: mlflow_client(partial).search_experiments(max_results=1))
         client = mlflow_client(uri)
         found = client.get_experiment_by_name(experiment)
         if found is not None:
@@ -76,7 +76,6 @@ def mlflow_client(uri: str) -> MlflowClient:
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the tag MLflow's UI reads (custom_model_development: model training)
-PARENT_ENV = "RESNET_SWEEP_PARENT_RUN_ID"  # how jobs, in this process or launcher workers, find the study's run
 
 
 class StudyRun:
@@ -85,7 +84,7 @@ class StudyRun:
     Opening it creates the tracking database, once, in the sweeping process, before any job starts, so
     parallel jobs never race to create and migrate a fresh SQLite file. It holds the search space, the
     sampler and pruner settings, and at the end the best trial and the optimization results; each job's
-    run becomes its child (through PARENT_ENV, which launcher workers inherit).
+    run becomes its child (the sweeper hands `run_id` to each job as sweep.parent_run).
     """
 
     def __init__(self, config: DictConfig, study: Any, sampler: Any, pruner: Any, space: dict[str, Any]) -> None:
@@ -119,7 +118,6 @@ class StudyRun:
             log.info("MLflow study run %s (parent of every trial's run)", run_id)
         self.run_id, self.experiment_id = run_id, experiment_id
         JobRun(self.client, run_id).set_tags({"sweep.dir": str(Path(config.hydra.sweep.dir).resolve())})
-        os.environ[PARENT_ENV] = run_id
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -143,7 +141,6 @@ class StudyRun:
 
     def finish(self, results: dict[str, Any] | None, config: DictConfig, results_file: str | None = None,
                failed: str | None = None) -> None:
-        os.environ.pop(PARENT_ENV, None)
         if self.client is None:
             return
         job = JobRun(self.client, self.run_id)
@@ -167,7 +164,6 @@ class StudyRun:
     def end(self, status: str, reason: str) -> None:
         """The sweep stopped early (KILLED: interrupted; FAILED: an error): say so on the parent run, which
         a rerun of the study reopens."""
-        os.environ.pop(PARENT_ENV, None)
         if self.client is None:
             return
         try:
@@ -178,8 +174,8 @@ class StudyRun:
 
 
 def end_study_run(cfg: DictConfig, status: str, reason: str) -> None:
-    """From a job: end its sweep's parent run (known through PARENT_ENV) `status`, if it still runs."""
-    run_id = os.environ.get(PARENT_ENV)
+    """From a job: end its sweep's parent run (sweep.parent_run) `status`, if it still runs."""
+    run_id = cfg.sweep.get("parent_run")
     if run_id and cfg.tracking.enabled:
         client = mlflow_client(cfg.tracking.uri)
         if client.get_run(run_id).info.status == "RUNNING":
@@ -413,7 +409,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     tags = {**provenance_tags(), "role": "run", **(extra_tags or {})}
-    parent = os.environ.get(PARENT_ENV)
+    parent = cfg.sweep.get("parent_run")
     if parent and HydraConfig.get().mode.name == "MULTIRUN":
         tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
     job = JobRun(client, client.create_run(experiment_id, run_name=run_name(container),

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from resnet_sweep.stores import wait_for_sqlite_locks
+from resnet_sweep.stores import create_whole, wait_for_sqlite_locks
 from resnet_sweep.workers import Terminated, slurm_job_id
 
 # Optuna marks storage heartbeats experimental and meant for study.optimize; we beat ourselves.
@@ -45,6 +45,7 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int,
     if not isinstance(url, str) or url.startswith("journal"):
         return url
     wait_for_sqlite_locks()
+    create_whole(url, lambda partial: optuna.storages.RDBStorage(partial).engine.dispose())
     return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
                                       grace_period=grace_period, heartbeat_stale_trial_callback=on_stale)
 

@@ -385,3 +385,8 @@ def test_trials_run_asynchronously_fast_ones_finish_while_a_slow_one_runs(workdi
     assert all(t.datetime_start < slow.datetime_complete for t in fast[1:])
     # end order differs from start order: the slow trial, started first, ended last
     assert sorted((slow, *fast), key=lambda t: t.datetime_complete)[-1].number == 0
+    # the 2 workers were started (and had imported torch) before the sweep's run began, and trained every trial
+    assert "starting 2 worker processes" in res.stdout + res.stderr
+    assert len({t.user_attrs["job"] for t in (slow, *fast)}) == 2
+    (parent,) = parent_runs(workdir)
+    assert all(parent.info.start_time <= r.info.start_time for r in job_runs(workdir))

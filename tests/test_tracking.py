@@ -31,3 +31,25 @@ def test_awkward_values_keys_and_metric_counts_are_recorded(tmp_path: Path) -> N
 def test_flatten_makes_dotted_keys_and_keeps_lists_whole() -> None:
     assert flatten({"model": {"depth": 20, "widths": [1, 2]}, "seed": 0}) == {
         "model.depth": 20, "model.widths": [1, 2], "seed": 0}
+
+
+def test_a_database_whose_creation_is_interrupted_is_not_left_half_made(tmp_path: Path) -> None:
+    """Ctrl-C during MLflow's migrations of a fresh mlflow.db once left a file every later command failed on
+    ("table span_metrics already exists"): the database appears whole or not at all."""
+    import pytest
+
+    from resnet_sweep.stores import create_whole
+    from resnet_sweep.tracking import mlflow_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def interrupted(partial: str) -> None:
+        mlflow_client(partial).search_experiments(max_results=1)  # a real schema, in the temporary file
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        create_whole(uri, interrupted)
+    assert not (tmp_path / "mlflow.db").exists()
+    experiment_id = prepare_store(uri, "after", str(tmp_path / "artifacts"))  # as the rerun does: it works
+    assert MlflowClient(uri).get_experiment(experiment_id).name == "after"
+    assert sorted(p.name for p in tmp_path.iterdir() if "mlflow.db" in p.name) == ["mlflow.db", "mlflow.db.mlflow.lock"]
