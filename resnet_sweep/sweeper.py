@@ -193,6 +193,9 @@ class _Impl(OptunaSweeperImpl):
                     tracking.prepare_store(t.uri, t.experiment, t.artifact_location)
             if warm is not None:
                 warm()
+        except UserError as exc:  # before any trial or run exists
+            self._stop_workers()
+            exit_with(exc)
         except (KeyboardInterrupt, Terminated) as exc:  # before any trial or run exists: nothing to mark
             self._stop_workers()
             log.error("Sweep interrupted (%s: %s) before any trial started; run the same command again to start "
@@ -256,7 +259,10 @@ class _Impl(OptunaSweeperImpl):
         from joblib import Parallel, delayed
 
         parallel_cfg = dict(self.launcher.joblib)
-        process_joblib_cfg(parallel_cfg)
+        try:
+            process_joblib_cfg(parallel_cfg)
+        except ValueError as exc:  # as the launcher would at its first launch
+            raise ConfigError(f"hydra.launcher: {exc}") from None
         if parallel_cfg.get("backend") != "loky" or parallel_cfg.pop("inner_max_num_threads", None) is not None:
             return None  # a pool set up otherwise than ours: leave it to the launcher
         done, failed = threading.Event(), []

@@ -163,12 +163,22 @@ def test_a_stopped_sweep_leaves_nothing_behind_and_the_same_command_finishes_it_
 
 def test_a_sweep_that_errors_while_launching_leaves_its_parent_run_failed_and_no_trial_running(
         workdir: Path) -> None:
-    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=2", "hydra.launcher.backend=nosuch")
-    assert res.returncode != 0 and "Unsupported Joblib backend" in res.stderr
+    # joblib refuses this at its first Parallel call: the workers' start, then each trial's launch
+    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=2", "hydra.launcher.batch_size=nosuch")
+    assert res.returncode != 0 and "batch_size must be 'auto' or a positive integer" in res.stderr
+    assert "starting the workers failed" in res.stdout + res.stderr
     (parent,) = parent_runs(workdir)
     assert parent.info.status == "FAILED" and "nosuch" in parent.data.tags["failure_reason"]
     trials = study(workdir).trials
     assert "RUNNING" not in {t.state.name for t in trials} and counted(trials) == []  # interrupted, queued again
+
+
+def test_an_unknown_joblib_backend_stops_the_sweep_before_any_trial_or_run(workdir: Path) -> None:
+    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=2", "hydra.launcher.backend=nosuch")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "Error: hydra.launcher: Unsupported Joblib backend 'nosuch'. Supported backends: ['loky', 'multiprocessing']" \
+        in res.stderr
+    assert study(workdir).trials == [] and not (workdir / "mlflow.db").exists()  # nothing recorded
 
 
 def test_a_grid_killed_mid_run_trains_every_cell_exactly_once_after_the_rerun(workdir: Path) -> None:
