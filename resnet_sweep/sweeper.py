@@ -181,7 +181,7 @@ class _Impl(OptunaSweeperImpl):
         if type(self.launcher).__name__ in LOCAL_WORKERS:
             os.environ[SWEEPER_PID_ENV] = str(os.getpid())  # before any worker starts: workers watch this process
         try:
-            # one process at a time creates the schema, the study, a fresh MLflow database and the parent run
+            # one process at a time creates the schema, the study and a fresh MLflow database
             with stores.store_lock(str(self.storage)):
                 storage = trials.open_storage(self.storage, self.heartbeat_interval, self.grace_period, self._stale)
                 study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
@@ -204,7 +204,7 @@ class _Impl(OptunaSweeperImpl):
         except BaseException:
             self._stop_workers()  # workers that started would keep this process ~6 s finishing their imports
             raise
-        # the parent run starts when the workers can train: the sweep's record spans its trials
+        # the parent run starts when the workers can train (one process at a time: one parent run per study)
         with stores.store_lock(str(self.storage)):
             self.parent = parent = tracking.StudyRun(self.config, study, self._sampler_settings(), self.pruner, space)
         self._started, self._done_here = time.monotonic(), 0  # for the progress lines' time left

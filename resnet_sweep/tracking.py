@@ -81,8 +81,9 @@ EXPERIMENT_KIND = "mlflow.experimentKind"  # the tag MLflow's UI reads (custom_m
 class StudyRun:
     """The MLflow parent run of an Optuna study: one per study, reopened when a sweep of it is rerun.
 
-    Opening it creates the tracking database, once, in the sweeping process, before any job starts, so
-    parallel jobs never race to create and migrate a fresh SQLite file. It holds the search space, the
+    The sweeper has made the tracking database and experiment before (prepare_store, in the sweeping
+    process, before any job starts), so parallel jobs never race to create and migrate a fresh SQLite
+    file; here prepare_store only finds the experiment. It holds the search space, the
     sampler and pruner settings, and at the end the best trial and the optimization results; each job's
     run becomes its child (the sweeper hands `run_id` to each job as sweep.parent_run).
     """
