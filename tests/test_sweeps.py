@@ -88,8 +88,11 @@ def states(trials) -> dict[str, int]:  # noqa: ANN001
 def start(workdir: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     log = workdir / f"sweep-{time.monotonic_ns()}.log"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # SIGINT as a terminal's foreground job has it: a pytest started in the background (`pytest &` in a
+    # script) ignores SIGINT, and a child inherits that, so the Ctrl-C test's sweep would never see it
     proc = subprocess.Popen([sys.executable, "-m", "resnet_sweep", *args], cwd=workdir, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, log
 
 
