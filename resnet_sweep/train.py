@@ -196,13 +196,15 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
             on_epoch(metrics, epoch)
         if best_checkpoint is not None and val_acc > best_acc:
             best_acc = val_acc
-            torch.save(model.state_dict(), best_checkpoint)
+            # the net's own keys: a torch.compile'd model's state_dict prefixes each with "_orig_mod."
+            torch.save(getattr(model, "_orig_mod", model).state_dict(), best_checkpoint)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(metrics[monitor])
         elif scheduler is not None:
             scheduler.step()
     if best_checkpoint is not None:
-        model.load_state_dict(torch.load(best_checkpoint, map_location=data.test.y.device, weights_only=True))
+        getattr(model, "_orig_mod", model).load_state_dict(
+            torch.load(best_checkpoint, map_location=data.test.y.device, weights_only=True))
     test_loss, test_acc = evaluate(model, data.test, cfg.eval_batch_size, precision)
     _check_finite(model, cfg.epochs, steps_per_epoch, test_loss=test_loss)
     log.info("test loss %.4f acc %.2f%%%s", test_loss, 100 * test_acc,

@@ -55,6 +55,25 @@ def test_a_run_is_recorded_in_mlflow(workdir: Path) -> None:
     assert [p.name for p in workdir.rglob("mlflow.db")] == ["mlflow.db"]
 
 
+@pytest.mark.slow
+def test_a_compiled_run_learns_and_its_checkpoint_loads_into_a_plain_model(workdir: Path) -> None:
+    import torch
+
+    from resnet_sweep.config import ModelConfig
+    from resnet_sweep.models import build_model
+
+    res = run_cli(workdir, "trainer.compile=true", "trainer.save_best=true", "model.depth=8", "trainer.epochs=3",
+                  "data.train_subset=256")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = runs(workdir)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)]
+    assert run.data.params["trainer.compile"] == "True" and losses[-1] < 0.8 * losses[0]  # it learns
+    path = client.download_artifacts(run.info.run_id, "best.pt", str(workdir))
+    # the net's own keys, not the compiled wrapper's ("_orig_mod." before each)
+    build_model(ModelConfig(depth=8), (1, 8, 8), 10).load_state_dict(torch.load(path, weights_only=True))
+
+
 def test_a_single_run_trains_with_every_core_and_sweep_workers_share_them(workdir: Path) -> None:
     res = run_cli(workdir, "trainer.epochs=1", "data.train_subset=64", threads=None)
     assert res.returncode == 0, res.stderr[-3000:]
