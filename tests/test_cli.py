@@ -161,7 +161,8 @@ def test_summary_prints_the_layer_table_and_params(workdir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_makes_no_outbound_connection(workdir: Path) -> None:
+@pytest.mark.parametrize("command", [(), ("-m", "hydra.sweeper.n_trials=2")], ids=["single run", "2-trial sweep"])
+def test_a_run_makes_no_outbound_connection(workdir: Path, command: tuple[str, ...]) -> None:
     if not shutil.which("strace"):
         if os.environ.get("CI"):
             pytest.fail("strace is not installed: .ci/run installs Debian's strace")
@@ -169,12 +170,15 @@ def test_a_run_makes_no_outbound_connection(workdir: Path) -> None:
     trace = workdir / "trace.txt"
     env = {k: v for k, v in os.environ.items() if k != "CI"}  # MLflow silences its telemetry under CI itself
     res = subprocess.run(["strace", "-f", "-e", "trace=connect", "-o", str(trace), sys.executable, "-m", "resnet_sweep",
-                          "trainer.epochs=1", "data.train_subset=64"], cwd=workdir, capture_output=True, text=True,
-                         timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+                          "trainer.epochs=1", "data.train_subset=64", *command], cwd=workdir, capture_output=True,
+                         text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     calls = [line for line in trace.read_text().splitlines() if "connect(" in line]
+    processes = [line for line in trace.read_text().splitlines() if "+++ exited" in line or "+++ killed" in line]
+    assert len(processes) >= (3 if command else 1)  # strace -f followed a sweep's worker processes too
     outbound = [c for c in calls if ("AF_INET" in c and "127.0.0.1" not in c) or ("AF_INET6" in c and '"::1"' not in c)]
     assert outbound == [], outbound  # no DNS lookup, no telemetry
+    print(f"{len(processes)} processes traced, {len(calls)} connect() calls, {len(outbound)} outbound")
 
 
 @pytest.mark.slow
