@@ -427,6 +427,7 @@ class _Impl(OptunaSweeperImpl):
             if now - ended >= wait:
                 log.info("trial %d has ended, but its job has not come back in %.0f s: its slot is free", number, wait)
                 self._in_flight.pop(number)
+                del self._ended_at[number]
                 self._progress(study, number)
 
     def _stop_workers(self) -> None:
