@@ -7,7 +7,7 @@ n_trials more instead of finishing the study, (3) trials of a killed sweep stay 
 heartbeat only runs inside study.optimize), (4) a NaN return or a raising job can abort the sweep,
 (5) a seeded sampler proposes the same points in every process that opens the study, and (6) it launches
 n_jobs trials as a batch and waits for the slowest before asking more; here trials are asynchronous: a
-trial's job is a batch of one, up to n_jobs in flight, and each finished trial frees its slot at once. This keeps the
+trial's job is a batch of one, up to n_jobs training, and each finished trial frees its slot at once. This keeps the
 official search-space parsing, samplers, config schema and launcher hand-off, and replaces only
 `sweep()`; choose it with `hydra/sweeper=resnet_optuna` (the default in conf/config.yaml).
 
@@ -59,6 +59,12 @@ MAX_STUDY_NAME = 512  # Optuna's column for study names (MAX_INDEXED_STRING_LENG
 WORKER_DIED = ("TerminatedWorkerError", "BrokenProcessPool")  # what joblib's loky raises when a worker dies
 JOB_LOST = ("UncompletedJobError", "FailedJobError")  # what submitit raises for a job that left no result
 CLUSTER_LAUNCHERS = ("SlurmLauncher", "LocalLauncher")  # hydra-submitit-launcher's
+# Trials launched beyond the n_jobs that train, waiting in joblib's worker pool (loky's queue): a worker
+# that ends a trial starts the next within ~0.03 s. Without it the worker waited ~0.1 s a trial (more on a
+# busy machine) while this process settled the result, asked the next trial and dispatched it (Hydra's
+# joblib launcher deep-copies and pickles its global state per launch). One is enough unless workers end
+# within that time of each other.
+QUEUED_AHEAD = 1
 
 
 @dataclass
@@ -142,14 +148,18 @@ class _Impl(OptunaSweeperImpl):
 
     def _sampler_settings(self) -> dict[str, Any]:
         cfg = OmegaConf.to_container(self.sampler_config, resolve=True) if self.sampler_config else {}
-        # TPE proposes while up to n_jobs trials run: with constant_liar it counts them as bad results (worst
+        # TPE proposes while other trials run: with constant_liar it counts them as bad results (worst
         # value so far), so it does not propose their neighbourhood again before they end. On unless the
         # command line sets hydra.sweeper.sampler.constant_liar.
-        if (str(cfg.get("_target_", "")).endswith("TPESampler") and self.n_jobs > 1 and not any(
+        if (str(cfg.get("_target_", "")).endswith("TPESampler") and self._capacity() > 1 and not any(
                 o.split("=")[0].lstrip("+~") == "hydra.sweeper.sampler.constant_liar"
                 for o in self.config.hydra.overrides.hydra)):
             cfg["constant_liar"] = True
         return cfg
+
+    def _capacity(self) -> int:
+        """Trials in flight at most: n_jobs training, and with joblib's workers QUEUED_AHEAD waiting."""
+        return self.n_jobs + (QUEUED_AHEAD if type(self.launcher).__name__ in LOCAL_WORKERS else 0)
 
     def _make_sampler(self, space: dict[str, Any]) -> optuna.samplers.BaseSampler:
         cfg = self._sampler_settings()
@@ -289,9 +299,9 @@ class _Impl(OptunaSweeperImpl):
 
     def _run(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
              fixed_overrides: list[str]) -> None:
-        """Keep up to n_jobs trials in flight until the study holds n_trials counted ones. Asynchronous: as
-        soon as one trial finishes, its result is settled and the next is asked and launched, so a slow
-        trial never holds the other workers. Waits while other processes' trials run (they may finish the
+        """Keep up to n_jobs trials training (and QUEUED_AHEAD waiting for a joblib worker) until the study
+        holds n_trials counted ones. Asynchronous: as soon as one trial finishes, its result is settled and
+        the next is asked and launched, so a slow trial never holds the other workers. Waits while other processes' trials run (they may finish the
         study, or die and be retried here)."""
         self._in_flight: dict[int, optuna.Trial] = {}
         self._ended_at: dict[int, float] = {}  # when a trial in flight was first seen ended (_release_ended)
@@ -311,7 +321,7 @@ class _Impl(OptunaSweeperImpl):
                         return
                     self._check_failure_rate(study, done)
                     running = [t for t in all_trials if t.state == TrialState.RUNNING]
-                    slots = min(self.n_jobs - len(self._in_flight), self.n_trials - len(done) - len(running))
+                    slots = min(self._capacity() - len(self._in_flight), self.n_trials - len(done) - len(running))
                     if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs
                            for t in all_trials):  # a trial whose worker died beside another's runs alone
                         slots = min(slots, 0 if self._in_flight else 1)
@@ -377,7 +387,7 @@ class _Impl(OptunaSweeperImpl):
             except BaseException as exc:  # noqa: BLE001 (handed to the sweeping thread, which decides)
                 finished.put((trial.number, None, exc))
 
-        if self.n_jobs == 1 or type(self.launcher).__name__ == "BasicLauncher":
+        if self._capacity() == 1 or type(self.launcher).__name__ == "BasicLauncher":
             finished.put((trial.number, job(), None))  # an exception here propagates to _run at once
         else:
             threading.Thread(target=in_thread, name=f"trial-{trial.number}", daemon=True).start()

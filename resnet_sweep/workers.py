@@ -9,6 +9,7 @@ are not watched: they outlive the process that submitted them by design.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -121,7 +122,11 @@ def watch_sweeper() -> None:
 def warm_up() -> int:
     """In a fresh launcher worker, before its first job: import what every job needs (torch, torch._dynamo,
     which the first optimizer imports, MLflow's SQL store, Optuna, scikit-learn's datasets: ~6 s on a
-    2-core machine), so that the first trial starts training at once. Returns this worker's pid."""
+    2-core machine), so that the first trial starts training at once. Returns this worker's pid.
+
+    Then freezes what those imports made (gc.freeze: ~600,000 objects the garbage collector no longer
+    scans). Why: without psutil, loky calls gc.collect() after every task that ends a second or more after
+    the last, and a full collection over them took 0.3-0.37 s here: that much idle time per trial."""
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
     import optuna.storages  # noqa: F401
     import sklearn.datasets  # noqa: F401 (the default data, digits)
@@ -129,6 +134,8 @@ def warm_up() -> int:
 
     import resnet_sweep.job  # noqa: F401
 
+    gc.collect()
+    gc.freeze()
     return os.getpid()
 
 

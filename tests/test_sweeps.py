@@ -383,7 +383,8 @@ def test_submitit_local_launcher_runs_the_sweep(workdir: Path) -> None:
 
 def test_trials_run_asynchronously_fast_ones_finish_while_a_slow_one_runs(workdir: Path) -> None:
     """With 2 workers, a slow first trial does not hold the other worker: trials 2 and 3 are asked and
-    started as trial 1's worker frees, while trial 0 still trains (a batch of 2 would start them after it)."""
+    started as trial 1's worker frees, while trial 0 still trains (a batch of 2 would start them after it).
+    One trial more than the workers is launched, waiting for the first free worker."""
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     queued = optuna.create_study(study_name="async", storage=storage, direction="maximize")
     for epochs in (60, 1, 1, 1):  # the sweep asks queued trials first, in this order
@@ -396,6 +397,7 @@ def test_trials_run_asynchronously_fast_ones_finish_while_a_slow_one_runs(workdi
     assert all(t.state.name == "COMPLETE" for t in (slow, *fast))
     assert all(t.datetime_complete < slow.datetime_complete for t in fast)
     assert all(t.datetime_start < slow.datetime_complete for t in fast[1:])
+    assert fast[1].datetime_start < fast[0].datetime_complete  # queued before a worker was free
     # end order differs from start order: the slow trial, started first, ended last
     assert sorted((slow, *fast), key=lambda t: t.datetime_complete)[-1].number == 0
     # the 2 workers were started (and had imported torch) before the sweep's run began, and trained every trial
