@@ -6,6 +6,7 @@ trial, since GridSampler reads the cells in use, then claims one).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -89,6 +90,10 @@ def check_store(url: str, key: str) -> None:
             raise StoreError(f"{key}={url}: cannot create {path} ({exc.strerror}); make {path.parent} writable "
                              f"or point {key} elsewhere") from None
         return
+    for target in (path, path.parent):  # the folder takes the journal and our lock files
+        if not os.access(target, os.W_OK):  # also on a read-only file system, where SQLite opens read-only
+            raise StoreError(f"{key}={url}: {target} cannot be written ({os.strerror(errno_of(target))}); make "
+                             f"{path} and its folder writable, or point {key} elsewhere")
     try:
         with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60) as conn:
             conn.execute("PRAGMA schema_version").fetchone()
@@ -100,6 +105,25 @@ def check_store(url: str, key: str) -> None:
                              f"created) or point {key} at the right file") from None
         raise StoreError(f"{key}={url}: {path} cannot be written ({exc}); make it and its folder writable "
                          f"(chmod u+w), or point {key} elsewhere") from None
+
+
+def errno_of(path: Path) -> int:
+    """Why `path` cannot be written: EROFS on a read-only file system, else EACCES."""
+    try:
+        return errno.EROFS if os.statvfs(path).f_flag & os.ST_RDONLY else errno.EACCES
+    except OSError as exc:
+        return exc.errno or errno.EACCES
+
+
+def check_folder(folder: str | Path, key: str) -> None:
+    """Raise StoreError if `folder` (named by config key `key`) cannot be made or written: its nearest
+    existing ancestor must take new files."""
+    target = Path(folder).absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if not os.access(target, os.W_OK):
+        raise StoreError(f"{key}={folder}: {target} cannot be written ({os.strerror(errno_of(target))}); make it "
+                         f"writable, or point {key} at a folder that is")
 
 
 @contextmanager

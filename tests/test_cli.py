@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 import pytest
@@ -232,6 +234,44 @@ def test_a_bad_input_is_one_paragraph_exit_2_and_creates_no_run(workdir: Path, c
     assert all(w in out for w in words), out
     if not plant:
         assert not (workdir / "mlflow.db").exists() and not (workdir / "optuna.db").exists()
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a read-only bind mount, holding an MLflow and an Optuna database: read-only even for
+    root (chmod is not). Needs root, as CI has; skipped where mounting is refused."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    for name in ("mlflow.db", "optuna.db"):
+        sqlite3.connect(folder / name).execute("CREATE TABLE t (x)").connection.commit()
+    if subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (not root?)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True, capture_output=True)
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+READ_ONLY = {  # the command's arguments under the read-only folder RO, the key the message must name
+    "MLflow database": (["trainer.epochs=1", "tracking.uri=sqlite:///RO/mlflow.db"], "tracking.uri"),
+    "Optuna database": (["-m", "trainer.epochs=1", "hydra.sweeper.storage=sqlite:///RO/optuna.db"],
+                        "hydra.sweeper.storage"),
+    "run folder": (["trainer.epochs=1", "hydra.run.dir=RO/run"], "hydra.run.dir"),
+    "sweep folder": (["-m", "trainer.epochs=1", "hydra.sweep.dir=RO/sweep"], "hydra.sweep.dir"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(READ_ONLY))
+def test_a_read_only_store_or_output_folder_is_one_paragraph_before_anything_runs(
+        workdir: Path, read_only_folder: Path, case: str) -> None:
+    args, key = READ_ONLY[case]
+    res = run_cli(workdir, *[a.replace("RO", str(read_only_folder)) for a in args])
+    out = (res.stdout + res.stderr).strip()
+    assert res.returncode == 2 and out.startswith(f"Error: {key}=") and len(out.splitlines()) == 1, out[-3000:]
+    assert "Read-only file system" in out
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "optuna.db").exists()  # no run, no study
 
 
 @pytest.mark.slow
