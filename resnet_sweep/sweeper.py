@@ -301,8 +301,8 @@ class _Impl(OptunaSweeperImpl):
              fixed_overrides: list[str]) -> None:
         """Keep up to n_jobs trials training (and QUEUED_AHEAD waiting for a joblib worker) until the study
         holds n_trials counted ones. Asynchronous: as soon as one trial finishes, its result is settled and
-        the next is asked and launched, so a slow trial never holds the other workers. Waits while other processes' trials run (they may finish the
-        study, or die and be retried here)."""
+        the next is asked and launched, so a slow trial never holds the other workers. Waits while other
+        processes' trials run (they may finish the study, or die and be retried here)."""
         self._in_flight: dict[int, optuna.Trial] = {}
         self._ended_at: dict[int, float] = {}  # when a trial in flight was first seen ended (_release_ended)
         finished: queue.Queue = queue.Queue()  # (trial number, JobReturn or None, exception or None)
