@@ -135,9 +135,10 @@ def _own_settings_only(group: str, node: Any, table: dict[str, dict[str, Any]]) 
     takes = [*(("lr", "weight_decay") if group == "optimizer" else ()), *own]
     for key in sorted({k for settings in table.values() for k in settings} - set(own)):
         value = getattr(node, key)
+        users = [f"{group}={n}" for n, settings in table.items() if key in settings]
         _check(value is None, f"{group}.{key}={getattr(value, 'name', value)} does nothing for {group}.name={name}, "
-                              f"which takes {', '.join(takes) or 'no settings'}: drop it, or choose a {group} "
-                              f"that takes it")
+                              f"which takes {', '.join(takes) or 'no settings'}: drop it, or choose "
+                              f"{' or '.join(users)}, which take{'s' if len(users) == 1 else ''} it")
 
 
 @dataclass
