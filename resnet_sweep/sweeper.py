@@ -158,8 +158,13 @@ class _Impl(OptunaSweeperImpl):
         return cfg
 
     def _capacity(self) -> int:
-        """Trials in flight at most: n_jobs training, and with joblib's workers QUEUED_AHEAD waiting."""
-        return self.n_jobs + (QUEUED_AHEAD if type(self.launcher).__name__ in LOCAL_WORKERS else 0)
+        """Trials in flight at most: n_jobs training, and with joblib's worker processes QUEUED_AHEAD waiting.
+        (joblib with n_jobs=1 starts no worker process: it runs each job in the calling thread.)"""
+        return self.n_jobs + (QUEUED_AHEAD if self._worker_processes() else 0)
+
+    def _worker_processes(self) -> bool:
+        """Whether the launcher runs jobs in a pool of worker processes of this process (joblib's loky)."""
+        return type(self.launcher).__name__ in LOCAL_WORKERS and self.launcher.joblib.get("n_jobs") != 1
 
     def _make_sampler(self, space: dict[str, Any]) -> optuna.samplers.BaseSampler:
         cfg = self._sampler_settings()
@@ -255,6 +260,13 @@ class _Impl(OptunaSweeperImpl):
         stores.check_store(str(self.storage), "hydra.sweeper.storage")
         if conf.tracking.enabled:
             stores.check_store(conf.tracking.uri, "tracking.uri")
+        if type(self.launcher).__name__ == "JoblibLauncher":  # as the launcher checks at its first launch
+            from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+
+            try:
+                process_joblib_cfg(dict(self.launcher.joblib))
+            except ValueError as exc:
+                raise ConfigError(f"hydra.launcher: {exc}") from None
 
     def _warm_workers(self) -> Callable[[], None] | None:
         """Start joblib's worker processes now and have each import what a job needs (workers.warm_up, ~6 s
@@ -263,16 +275,13 @@ class _Impl(OptunaSweeperImpl):
         paid its imports inside the first trial (measured: 6.2 s from launch to the first training step).
         Our own because the launcher offers no start-up hook; it mirrors the Parallel arguments of its
         launch() (hydra_joblib_launcher._core), so that loky reuses these very workers for the trials."""
-        if type(self.launcher).__name__ != "JoblibLauncher":
+        if not self._worker_processes():
             return None
         from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
         from joblib import Parallel, delayed
 
         parallel_cfg = dict(self.launcher.joblib)
-        try:
-            process_joblib_cfg(parallel_cfg)
-        except ValueError as exc:  # as the launcher would at its first launch
-            raise ConfigError(f"hydra.launcher: {exc}") from None
+        process_joblib_cfg(parallel_cfg)  # as the launcher does (checked in _check)
         if parallel_cfg.get("backend") != "loky" or parallel_cfg.pop("inner_max_num_threads", None) is not None:
             return None  # a pool set up otherwise than ours: leave it to the launcher
         done, failed = threading.Event(), []
