@@ -81,19 +81,14 @@ def check_store(url: str, key: str) -> None:
         return
     if not path.parent.is_dir():
         raise StoreError(f"{key}={url}: the folder {path.parent} does not exist; create it or point {key} elsewhere")
-    if not path.exists():
-        try:  # SQLite creates the file and a journal beside it: the folder must take new files
-            probe = path.parent / f".{path.name}.write-check"
-            probe.touch()
-            probe.unlink()
-        except OSError as exc:
-            raise StoreError(f"{key}={url}: cannot create {path} ({exc.strerror}); make {path.parent} writable "
-                             f"or point {key} elsewhere") from None
-        return
-    for target in (path, path.parent):  # the folder takes the journal and our lock files
-        if not os.access(target, os.W_OK):  # also on a read-only file system, where SQLite opens read-only
+    # the folder takes a new database, its journal and our lock files; os.access also sees a read-only file
+    # system, where SQLite opens an existing file read-only
+    for target in ((path, path.parent) if path.exists() else (path.parent,)):
+        if not os.access(target, os.W_OK):
             raise StoreError(f"{key}={url}: {target} cannot be written ({os.strerror(errno_of(target))}); make "
                              f"{path} and its folder writable, or point {key} elsewhere")
+    if not path.exists():
+        return
     try:
         with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60) as conn:
             conn.execute("PRAGMA schema_version").fetchone()
