@@ -427,6 +427,7 @@ class _Impl(OptunaSweeperImpl):
             elif exc is not None and type(exc).__name__ not in WORKER_DIED:
                 raise exc  # a launcher error: the sweep stops (see _run)
             self._in_flight.pop(number, None)
+            self._ended_at.pop(number, None)  # seen ended by _release_ended before its job came back
             if exc is None:
                 self._settle(study, number, ret)
             self._progress(study, number)
