@@ -9,7 +9,11 @@ times one after another, and reads the sweep back from its MLflow records:
   wall seconds x the sweep's workers): 1.0 means every worker trained all the time. The parent run starts
   when the workers are up (a sweep starts them first); "with start-up" divides by the command's wall
   seconds instead, Hydra's and the workers' start included;
-- overhead: per trial, what its job did besides training (`job_seconds` - training seconds; median).
+- overhead: per trial, what its job did besides training (`job_seconds` - training seconds; median). It
+  starts at the task function, so it leaves out what Hydra's launcher does in the worker before (composing
+  the job's config, ~0.1-0.17 s) and after; "in worker" counts everything: for each trial but a worker's
+  first, the time from the end of the worker's previous run to the end of this one, less its training
+  seconds (median), i.e. what a worker spends per trial besides training, the wait for the next job included.
 The table shows the median of the repeats. `--startup` measures instead how long `python -m resnet_sweep`
 takes from the interpreter's start to its first training step, in a fresh folder (MLflow creates its
 database) and in one that has it.
@@ -36,6 +40,7 @@ CASES = {
 
 def measure(overrides: list[str], workers: int) -> dict[str, float]:
     """One sweep in a fresh folder; its figures from MLflow."""
+    import optuna
     from mlflow import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -55,10 +60,22 @@ def measure(overrides: list[str], workers: int) -> dict[str, float]:
         overhead = [r.data.metrics["job_seconds"] - training[r.info.run_id] for r in trials
                     if "job_seconds" in r.data.metrics]
         parent_wall = (parent.info.end_time - parent.info.start_time) / 1000
+        # which worker process ran each trial: the trial's `job` attribute ("pid N on HOST")
+        storage = f"sqlite:///{Path(tmp) / 'optuna.db'}"
+        job = {t.number: t.user_attrs.get("job") for s in optuna.get_all_study_summaries(storage)
+               for t in optuna.load_study(study_name=s.study_name, storage=storage).trials}
+        by_worker: dict[str, list] = {}
+        for r in trials:
+            by_worker.setdefault(job.get(int(r.data.tags["optuna.trial"])), []).append(r)
+        in_worker = [(b.info.end_time - a.info.end_time) / 1000 - training[b.info.run_id]
+                     for worker, runs_of in by_worker.items() if worker is not None
+                     for a, b in zip(sorted(runs_of, key=lambda r: r.info.end_time),
+                                     sorted(runs_of, key=lambda r: r.info.end_time)[1:])]
         return {"trials": len(trials), "wall_s": wall, "trials_per_hour": len(trials) / wall * 3600,
                 "efficiency": sum(training.values()) / (parent_wall * workers),
                 "efficiency_all": sum(training.values()) / (wall * workers),
-                "overhead_s": statistics.median(overhead) if overhead else float("nan")}
+                "overhead_s": statistics.median(overhead) if overhead else float("nan"),
+                "in_worker_s": statistics.median(in_worker) if in_worker else float("nan")}
 
 
 def startup(folder: Path) -> float:
@@ -103,14 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"# resnet_sweep.bench --sweep, {date.today()}: {cpu_name()}, {cores()} cores, {args.workers} workers, "
           f"median of {args.repeats}", flush=True)
-    print("| sweep | trials | wall s | trials/hour | efficiency | with start-up | overhead s/trial | runs (efficiency) |\n"
-          "| --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| sweep | trials | wall s | trials/hour | efficiency | with start-up | overhead s/trial | in worker s/trial | runs (efficiency) |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for case in args.cases:
         command = [*CASES[case], *overrides]
         got = [measure(command, args.workers) for _ in range(args.repeats)]
         med = {k: statistics.median(g[k] for g in got) for k in got[0]}
         print(f"| `-m {' '.join(command)}` | {med['trials']:.0f} | {med['wall_s']:.1f} | {med['trials_per_hour']:.0f} "
-              f"| {med['efficiency']:.2f} | {med['efficiency_all']:.2f} | {med['overhead_s']:.2f} | {', '.join(format(g['efficiency'], '.2f') for g in got)} |",
+              f"| {med['efficiency']:.2f} | {med['efficiency_all']:.2f} | {med['overhead_s']:.2f} | {med['in_worker_s']:.2f} | {', '.join(format(g['efficiency'], '.2f') for g in got)} |",
               flush=True)
     return 0
 
