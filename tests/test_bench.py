@@ -21,7 +21,8 @@ def test_the_sweep_benchmark_prints_a_row_of_figures_read_from_a_real_sweep(work
     names = [c.strip() for c in header.strip("|").split("|")]
     cells = dict(zip(names, (c.strip() for c in row.strip("|").split("|"))))
     assert cells["trials"] == "4"  # the last n_trials given wins
-    assert 0 < float(cells["efficiency"]) <= 1 and 0 < float(cells["with start-up"]) < float(cells["efficiency"])
+    # printed with 2 decimals: tiny trials of 1 epoch on 128 images can round "with start-up" down to 0.00
+    assert 0 < float(cells["efficiency"]) <= 1 and 0 <= float(cells["with start-up"]) <= float(cells["efficiency"])
     # 4 trials on 2 workers: one worker at least ran two, so the per-worker figure has a trial to measure
     assert math.isfinite(float(cells["in worker s/trial"])) and float(cells["in worker s/trial"]) > 0
     assert float(cells["overhead s/trial"]) > 0
