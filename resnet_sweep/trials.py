@@ -22,7 +22,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from resnet_sweep.stores import create_whole, wait_for_sqlite_locks
-from resnet_sweep.workers import Terminated, slurm_job_id
+from resnet_sweep.workers import Terminated, slurm_job_id, uninterrupted
 
 # Optuna marks storage heartbeats experimental and meant for study.optimize; we beat ourselves.
 warnings.filterwarnings("ignore", message=r".*heartbeat", category=optuna.exceptions.ExperimentalWarning)
@@ -194,30 +194,35 @@ class JobTrial:
 
     def set(self, **attrs: Any) -> None:
         self.attrs.update(attrs)
-        for key, value in attrs.items():
-            self.trial.set_user_attr(key, value)
+        with uninterrupted():
+            for key, value in attrs.items():
+                self.trial.set_user_attr(key, value)
 
     def should_prune(self, value: float, epoch: int) -> bool:
-        self.trial.report(value, epoch)
-        return self.trial.should_prune()
+        with uninterrupted():
+            self.trial.report(value, epoch)
+            return self.trial.should_prune()
 
     def finish(self, value: float) -> None:
         """Tell the trial's result: PRUNED if the pruner stopped it, FAIL for a non-finite objective (never a
         result: NaN would be a trial's value, inf the best one), else COMPLETE."""
-        if "pruned_at_epoch" in self.attrs:  # valued, as study.tell values it: the last reported objective
-            end(self.study, self.number, TrialState.PRUNED, [float(value)] if math.isfinite(float(value)) else None)
-        elif value is None or not math.isfinite(float(value)):
-            end(self.study, self.number, TrialState.FAIL, reason=self.attrs.get("fail_reason") or f"objective was {value}")
-        else:
-            end(self.study, self.number, TrialState.COMPLETE, [float(value)])
+        with uninterrupted():
+            if "pruned_at_epoch" in self.attrs:  # valued, as study.tell values it: the last reported objective
+                end(self.study, self.number, TrialState.PRUNED, [float(value)] if math.isfinite(float(value)) else None)
+            elif value is None or not math.isfinite(float(value)):
+                end(self.study, self.number, TrialState.FAIL,
+                    reason=self.attrs.get("fail_reason") or f"objective was {value}")
+            else:
+                end(self.study, self.number, TrialState.COMPLETE, [float(value)])
 
     def fail(self, exc: BaseException) -> None:
         """The job raised: its own failure (FAIL, counted) or an interruption from outside (retried)."""
         reason = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, (Terminated, KeyboardInterrupt)):
-            end(self.study, self.number, TrialState.FAIL, reason=f"interrupted: {reason}", interrupted=True)
-        else:
-            end(self.study, self.number, TrialState.FAIL, reason=self.attrs.get("fail_reason") or reason)
+        with uninterrupted():
+            if isinstance(exc, (Terminated, KeyboardInterrupt)):
+                end(self.study, self.number, TrialState.FAIL, reason=f"interrupted: {reason}", interrupted=True)
+            else:
+                end(self.study, self.number, TrialState.FAIL, reason=self.attrs.get("fail_reason") or reason)
 
     def close(self) -> None:
         self._stop_beat()

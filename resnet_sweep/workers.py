@@ -27,9 +27,35 @@ class Terminated(BaseException):
 
 
 _why_terminated: list[str] = []  # set before we SIGTERM ourselves, so the reason names the cause
+_writing: list[bool] = []  # non-empty while the main thread writes its trial (see uninterrupted)
+_deferred: list[int] = []  # a SIGTERM that arrived meanwhile
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A write to the study that SIGTERM must not cut in half. Why: Terminated raised between a statement
+    and its commit (the handler runs as soon as SQLite's call returns) left that SQLite transaction open
+    on a connection nobody closes, holding the database's write lock: the job's own clean-up, and every
+    other process's writes, then waited on it (seen once in CI: a kill -9'd sweep's two workers each left
+    their trial RUNNING). The signal is acted on as soon as the write is done."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield
+        return
+    _writing.append(True)
+    try:
+        yield
+    finally:
+        _writing.pop()
+    if not _writing and _deferred:
+        signum = _deferred.pop()
+        _deferred.clear()
+        _raise_terminated(signum, None)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    if _writing:
+        _deferred.append(signum)
+        return
     if _why_terminated:
         raise Terminated(_why_terminated[0])
     if os.environ.get("SLURM_JOB_ID"):  # SLURM says no more; the job cannot tell which of these it was
