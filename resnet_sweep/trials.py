@@ -182,6 +182,8 @@ class JobTrial:
         self.trial = optuna.trial.Trial(self.study, frozen._trial_id)  # noqa: SLF001 (no public number->id)
         self.number = number
         self.attrs: dict[str, Any] = {}
+        # without a pruner, should_prune is always False: not asking it saves a read of the trial per epoch
+        self.prunes = not isinstance(pruner_obj, optuna.pruners.NopPruner)
         # a job started for a trial that has ended (e.g. SLURM requeued a job whose trial was interrupted and
         # retried as another one) has nothing to do
         self.ended = (None if frozen.state == TrialState.RUNNING else
@@ -201,7 +203,7 @@ class JobTrial:
     def should_prune(self, value: float, epoch: int) -> bool:
         with uninterrupted():
             self.trial.report(value, epoch)
-            return self.trial.should_prune()
+            return self.prunes and self.trial.should_prune()
 
     def finish(self, value: float) -> None:
         """Tell the trial's result: PRUNED if the pruner stopped it, FAIL for a non-finite objective (never a
