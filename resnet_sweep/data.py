@@ -142,8 +142,26 @@ def _unavailable(cfg: DataConfig, folders: list[Path], exc: Exception | None) ->
         f"or use data=digits, which works offline.")
 
 
+# The arrays this process loaded last, kept for its next job: a sweep's worker runs trial after trial on the
+# same data, and reading it again costs each trial ~10 ms for digits, ~0.3 s for MNIST, ~1 s for CIFAR-10.
+# One dataset at a time, read-only (load() copies what it changes); a load that fails keeps nothing.
+_held: dict[tuple[str, str, bool], tuple[np.ndarray, ...]] = {}
+
+
 def load_arrays(cfg: DataConfig) -> tuple[np.ndarray, ...]:
-    """(x_train, x_test, y_train, y_test) with pixels in [0, 1], before any split or normalisation."""
+    """(x_train, x_test, y_train, y_test) with pixels in [0, 1], before any split or normalisation; held in
+    this process for the next job that asks for the same dataset (same name, root and download setting)."""
+    key = (cfg.name.name, str(Path(cfg.root).resolve()), bool(cfg.download))
+    if key not in _held:
+        arrays = _read_arrays(cfg)
+        for a in arrays:
+            a.setflags(write=False)
+        _held.clear()
+        _held[key] = arrays
+    return _held[key]
+
+
+def _read_arrays(cfg: DataConfig) -> tuple[np.ndarray, ...]:
     name = cfg.name.name
     if name == "digits":
         x_train, x_test, y_train, y_test = _digits()
@@ -172,9 +190,11 @@ def load(cfg: DataConfig, device: torch.device) -> Data:
     mean = torch.tensor(cfg.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32).view(1, -1, 1, 1)
 
+    def own(a: np.ndarray, dtype: type) -> torch.Tensor:  # a held (read-only) array is copied, never shared
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype) if a.flags.writeable else np.array(a, dtype=dtype))
+
     def split(x: np.ndarray, y: np.ndarray) -> Split:
-        xt = (torch.from_numpy(np.ascontiguousarray(x)) - mean) / std
-        return Split(xt.to(device), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device))
+        return Split(((own(x, np.float32) - mean) / std).to(device), own(y, np.int64).to(device))
 
     return Data(split(x_train[train_idx], y_train[train_idx]), split(x_train[val_idx], y_train[val_idx]),
                 split(x_test, y_test))
