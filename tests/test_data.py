@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from resnet_sweep.config import DataConfig, DatasetName
-from resnet_sweep.data import DEBIAN_FASHION_MNIST, DataUnavailable, batches, load, pad_crop_flip
+from resnet_sweep.data import DEBIAN_FASHION_MNIST, DataUnavailable, batches, load, load_arrays, pad_crop_flip
 
 CPU = torch.device("cpu")
 
@@ -27,6 +27,19 @@ def test_digits_split_is_seeded_and_disjoint() -> None:
     assert len(train_rows) == len(a.train)
     # normalised with the preset's statistics: roughly zero mean, unit std
     assert abs(a.train.x.mean().item()) < 0.1 and abs(a.train.x.std().item() - 1) < 0.1
+
+
+def test_a_process_reads_its_dataset_once_and_no_run_can_change_what_it_holds() -> None:
+    cfg = DataConfig()
+    held = load_arrays(cfg)
+    assert load_arrays(DataConfig(split_seed=3, train_subset=10)) is held  # the same dataset: not read again
+    assert not any(a.flags.writeable for a in held)
+    first = load(cfg, CPU)
+    for split in (first.train, first.val, first.test):  # a run that changed its tensors in place
+        split.x.add_(100.0)
+        split.y.zero_()
+    again = load(cfg, CPU)
+    assert again.train.x.max() < 50 and again.test.y.sum() > 0 and again.val.y.sum() > 0
 
 
 def test_train_subset_caps_the_training_set_only() -> None:

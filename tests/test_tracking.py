@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from mlflow import MlflowClient
 
+from resnet_sweep import tracking
 from resnet_sweep.tracking import JobRun, flatten, prepare_store
 
 
@@ -26,6 +28,26 @@ def test_awkward_values_keys_and_metric_counts_are_recorded(tmp_path: Path) -> N
     assert len(data.params) == 252 and len(data.metrics) == 1500 and data.metrics["m/1499"] == 1499.0
     assert data.params["tracking.uri"] == "postgresql+psycopg2://team:***@db/mlflow"  # no password in records
     assert len(data.tags["long_tag"]) <= 8000
+
+
+def test_epoch_metrics_are_written_in_the_background_every_few_seconds_and_all_by_flush(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = JobRun(client, client.create_run(prepare_store(uri, "epochs", str(tmp_path / "a"))).info.run_id)
+    steps = lambda: [m.step for m in client.get_metric_history(run.run_id, "val_acc")]  # noqa: E731
+    for epoch in (1, 2, 3):  # quick epochs: held, to go in one batch
+        run.log_metrics({"val_acc": epoch / 10, "train_loss": 1.0 / epoch}, epoch, wait=False)
+    assert steps() == []
+    run._last_write -= tracking.WRITE_EVERY_S  # noqa: SLF001 (as if the epoch had lasted WRITE_EVERY_S)
+    run.log_metrics({"val_acc": 0.4, "train_loss": 0.25}, 4, wait=False)  # now handed to the writer
+    deadline = time.monotonic() + 30
+    while steps() != [1, 2, 3, 4] and time.monotonic() < deadline:  # written without a flush
+        time.sleep(0.05)
+    assert steps() == [1, 2, 3, 4]
+    run.log_metrics({"val_acc": 0.5, "train_loss": 0.2}, 5, wait=False)
+    run.flush()  # the rest, before the run ends
+    assert steps() == [1, 2, 3, 4, 5]
+    assert [m.value for m in client.get_metric_history(run.run_id, "train_loss")] == [1.0, 0.5, 1 / 3, 0.25, 0.2]
 
 
 def test_flatten_makes_dotted_keys_and_keeps_lists_whole() -> None:
