@@ -69,9 +69,11 @@ def measure(overrides: list[str], workers: int) -> dict[str, float]:
             by_worker.setdefault(job.get(int(r.data.tags["optuna.trial"])), []).append(r)
         in_worker = []
         for worker, runs_of in by_worker.items():
+            if worker is None:  # trials whose worker is unknown: no order to read
+                continue
             ordered = sorted(runs_of, key=lambda r: r.info.end_time)
             in_worker += [(b.info.end_time - a.info.end_time) / 1000 - training[b.info.run_id]
-                          for a, b in zip(ordered, ordered[1:]) if worker is not None]
+                          for a, b in zip(ordered, ordered[1:])]
         return {"trials": len(trials), "wall_s": wall, "trials_per_hour": len(trials) / wall * 3600,
                 "efficiency": sum(training.values()) / (parent_wall * workers),
                 "efficiency_all": sum(training.values()) / (wall * workers),
