@@ -27,8 +27,8 @@ from resnet_sweep.lesion import lesion_study
 from resnet_sweep.models import build_model, count_parameters, removable_blocks
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
-from resnet_sweep.trials import JobTrial, Pruned
-from resnet_sweep.workers import cores, install_sigterm_handler, job_in_progress, label_logs, slurm_job
+from resnet_sweep.trials import JobStopped, JobTrial, Pruned, TrialEnded
+from resnet_sweep.workers import Stalled, cores, install_sigterm_handler, job_in_progress, label_logs, slurm_job
 
 log = logging.getLogger("resnet_sweep")
 # A fault for tests only, off unless this variable is set: a job training with this seed SIGKILLs its own
@@ -54,7 +54,8 @@ def run(cfg: DictConfig) -> float:
     with job_in_progress(lambda why: tracking.end_study_run(cfg, "KILLED", why) if sweeping else None):
         # the storage comes from the sweeper's own config, not an override, so its password stays out of records
         trial = (JobTrial(conf.sweep.study, str(hc.sweeper.storage), conf.sweep.trial, hc.sweeper.get("pruner"),
-                          hc.sweeper.get("heartbeat_interval", 5), hc.sweeper.get("grace_period", 20))
+                          hc.sweeper.get("heartbeat_interval", 5), hc.sweeper.get("grace_period", 20),
+                          hc.sweeper.get("stall_timeout"), hc.sweeper.get("trial_timeout"))
                  if sweeping and conf.sweep.trial is not None else None)
         if trial is not None and trial.ended:
             log.warning("trial %d has already ended (%s): this job (requeued, or started twice) trains nothing",
@@ -64,13 +65,19 @@ def run(cfg: DictConfig) -> float:
             objective = train_seeds(cfg, conf, trial, sweeping)
             if trial is not None:
                 trial.finish(objective)  # the job tells its own result: it survives whatever befalls the sweeper
+        except TrialEnded as exc:  # another process ended the trial (found it stale): nothing more to record
+            log.warning("%s; this job stops and records nothing over it", exc)
+            return math.nan
         except BaseException as exc:
             if trial is not None:
                 trial.fail(exc)  # its own failure, or an interruption (Ctrl-C, SIGTERM): then it is retried
+            if isinstance(exc, Stalled):  # the trial is interrupted; the launcher hands the sweep a failed job
+                raise JobStopped(str(exc)) from None
             raise
         finally:
             if trial is not None:
                 trial.close()
+            label_logs("")  # the sweeping process's own lines, where the job ran in it (workers=serial)
     return objective
 
 
@@ -153,13 +160,15 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
                     run.log_text("\n".join(gradients.names), "grad_layers.txt")
 
             def on_epoch(metrics: dict[str, float], epoch: int) -> None:
+                # the trial first: should another process have ended it, nothing more is recorded (TrialEnded)
+                prune = (trial is not None and reports and objective in metrics
+                         and trial.should_prune(metrics[objective], epoch))
                 if run is not None:
                     run.log_metrics(metrics, epoch, wait=False)  # written while the next epoch trains
                 if os.environ.get(FAULT_SIGKILL_SEED) == str(seed):
                     os.kill(os.getpid(), signal.SIGKILL)
                 # after the last epoch there is nothing left to save: the trial completes
-                if (trial is not None and reports and objective in metrics
-                        and trial.should_prune(metrics[objective], epoch) and epoch < conf.trainer.epochs):
+                if prune and epoch < conf.trainer.epochs:
                     raise Pruned(epoch, metrics[objective])
 
             best = Path(hc.runtime.output_dir) / "best.pt" if conf.trainer.save_best else None
@@ -167,7 +176,7 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
                 metrics = fit(train_model, data, opt, scheduler, conf.trainer, generator, augment=conf.data.augment,
                               monitor=settings(conf.scheduler, SCHEDULER_SETTINGS).get("monitor", Metric.val_loss).name,
                               best_checkpoint=best, gradients=gradients,
-                              on_epoch=on_epoch)
+                              on_epoch=on_epoch, on_step=trial.step if trial is not None else None)
             except Pruned as pruned:
                 # the run ends normally, tagged with where it stopped; the trial is told PRUNED
                 log.info("trial %d pruned after epoch %d (%s %.4g)", trial.number, pruned.epoch, objective, pruned.value)

@@ -128,7 +128,7 @@ EpochCallback = Callable[[dict[str, float], int], None]  # (metrics, epoch)
 def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg: TrainerConfig,  # noqa: ANN001
         generator: torch.Generator, augment: bool = False, monitor: str = "val_loss",
         on_epoch: EpochCallback | None = None, best_checkpoint: Path | None = None,
-        gradients: GradientNorms | None = None) -> dict[str, float]:
+        gradients: GradientNorms | None = None, on_step: Callable[[], None] | None = None) -> dict[str, float]:
     """Train for cfg.epochs; return the final metrics, test included.
 
     With `best_checkpoint`, the weights of the best-val_acc epoch are saved there (the article's
@@ -137,7 +137,8 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
     Each epoch's metrics (train_loss, train_acc, val_loss, val_acc, lr, epoch_seconds, samples_per_s)
     go to `on_epoch(metrics, epoch)` as soon as the epoch ends. Raises NonFiniteLoss at the first
     NaN/inf loss it checks (every cfg.finite_check_every steps), before that step's update.
-    With `gradients`, each epoch's metrics also carry its per-layer gradient norms.
+    With `gradients`, each epoch's metrics also carry its per-layer gradient norms. `on_step()` is called
+    after each training step (a sweep's job counts it as progress; it may raise to stop the training).
     """
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     device, precision = data.train.y.device, cfg.precision.name
@@ -176,6 +177,8 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
                 opt.step()
             loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
+            if on_step is not None:
+                on_step()
         n = len(data.train)
         train_loss = loss_sum.item() / n
         if not math.isfinite(train_loss):

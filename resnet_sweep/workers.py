@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -26,7 +27,12 @@ class Terminated(BaseException):
     """SIGTERM (SLURM's preemption notice) as an exception, so runs and trials are closed on the way out."""
 
 
+class Stalled(Terminated):
+    """A job that made no progress for its stall limit, stopped by its own watchdog (trials.JobTrial)."""
+
+
 _why_terminated: list[str] = []  # set before we SIGTERM ourselves, so the reason names the cause
+_pending: list[BaseException] = []  # what interrupt_main raises in the main thread
 _writing: list[bool] = []  # non-empty while the main thread writes its trial (see uninterrupted)
 _deferred: list[int] = []  # a SIGTERM that arrived meanwhile
 
@@ -52,10 +58,19 @@ def uninterrupted() -> Iterator[None]:
         _raise_terminated(signum, None)
 
 
+def interrupt_main(exc: BaseException) -> None:
+    """Raise `exc` in this process's main thread, from another thread: at its next Python instruction, or
+    as soon as the system call it waits in returns (a signal interrupts it). Needs install_sigterm_handler."""
+    _pending[:] = [exc]
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _raise_terminated(signum: int, frame: Any) -> None:
     if _writing:
         _deferred.append(signum)
         return
+    if _pending:
+        raise _pending.pop()
     if _why_terminated:
         raise Terminated(_why_terminated[0])
     if os.environ.get("SLURM_JOB_ID"):  # SLURM says no more; the job cannot tell which of these it was
@@ -200,3 +215,34 @@ def label_logs(label: str) -> None:
         return record
 
     logging.setLogRecordFactory(labelled)
+
+
+def _start_time(pid: int) -> str:
+    """When process `pid` started (clock ticks since boot, /proc's field 22); '' where unknown; 'Z' for a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return "Z" if fields[0] == "Z" else fields[19]
+
+
+def process_tags() -> dict[str, str]:
+    """This process, as a run records it, so that a later command can tell that it ended (process_gone)."""
+    return {"process.host": socket.gethostname(), "process.pid": str(os.getpid()),
+            "process.start": _start_time(os.getpid())}
+
+
+def process_gone(tags: dict[str, str]) -> bool:
+    """Whether the process that `tags` (process_tags) name has ended: on this host only, where it can be
+    seen; a pid that a new process reuses is told apart by its start time."""
+    if tags.get("process.host") != socket.gethostname() or not tags.get("process.pid", "").isdigit():
+        return False
+    pid = int(tags["process.pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    started = _start_time(pid)
+    return started == "Z" or (bool(started) and bool(tags.get("process.start")) and started != tags["process.start"])
