@@ -6,6 +6,8 @@ modules (torch among them) are imported when a job starts, not here: a sweeping 
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -13,6 +15,7 @@ from omegaconf import DictConfig
 
 from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.presets import register
+from resnet_sweep.workers import Terminated
 
 register()  # the typed schema that conf/config.yaml names as `base_config`
 
@@ -21,12 +24,20 @@ register()  # the typed schema that conf/config.yaml names as `base_config`
 def main(cfg: DictConfig) -> float:
     from resnet_sweep.job import run
 
+    single = HydraConfig.get().mode != RunMode.MULTIRUN
     try:
         return run(cfg)
     except UserError as exc:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if not single:
             raise  # a sweep's job: its trial fails with the reason, and the sweep goes on
         exit_with(exc)  # one paragraph, exit code 2, no traceback
+    except (KeyboardInterrupt, Terminated) as exc:
+        if not single:
+            raise  # a sweep's job: its trial is interrupted, and the sweeper decides
+        # the run is KILLED with the reason (tracking.job_run); 128 + SIGINT or SIGTERM, as a shell reports it
+        why = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(f"Stopped ({why}); its MLflow run, where one had begun, is recorded KILLED.", file=sys.stderr)
+        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 143) from None
 
 
 if __name__ == "__main__":

@@ -69,8 +69,13 @@ def create_whole(url: str, create: Callable[[str], object]) -> None:
         left.unlink(missing_ok=True)
     # a new name each time: MLflow keeps a store per URL, and would not make a file it once made again
     partial = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
-    create(f"sqlite:///{partial.resolve()}")
-    os.replace(partial, path)
+    try:
+        create(f"sqlite:///{partial.resolve()}")
+        os.replace(partial, path)
+    except BaseException:  # a full disk, Ctrl-C: nothing half-made stays behind (its journal neither)
+        for left in path.parent.glob(f"{partial.name}*"):
+            left.unlink(missing_ok=True)
+        raise
 
 
 def check_store(url: str, key: str) -> None:
@@ -89,17 +94,28 @@ def check_store(url: str, key: str) -> None:
                              f"{path} and its folder writable, or point {key} elsewhere")
     if not path.exists():
         return
+    damaged = None
     try:
         with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60) as conn:
             conn.execute("PRAGMA schema_version").fetchone()
+            # every page, read only (~0.1 s for 30 MB): a damaged one would fail some later query, mid-sweep
+            damaged = next((row[0] for row in conn.execute("PRAGMA quick_check(3)") if row[0] != "ok"), None)
             conn.execute("BEGIN IMMEDIATE")  # a write lock: fails on a read-only file or folder
             conn.rollback()
     except sqlite3.DatabaseError as exc:
-        if "not a database" in str(exc) or "malformed" in str(exc):
+        if "not a database" in str(exc):
             raise StoreError(f"{key}={url}: {path} is not an SQLite database ({exc}); move it away (a new one is "
                              f"created) or point {key} at the right file") from None
-        raise StoreError(f"{key}={url}: {path} cannot be written ({exc}); make it and its folder writable "
+        if "malformed" in str(exc):
+            damaged = str(exc)
+        else:
+            raise StoreError(f"{key}={url}: {path} cannot be written ({exc}); make it and its folder writable "
                          f"(chmod u+w), or point {key} elsewhere") from None
+    if damaged:
+        raise StoreError(f"{key}={url}: {path} is damaged ({' '.join(damaged.split())[:200]}); nothing was written "
+                         f"to it. Save what can be read with `sqlite3 {path} .dump | sqlite3 {path}.recovered` and "
+                         f"move {path}.recovered to {path} (where `sqlite3 {path}.recovered 'pragma quick_check'` says "
+                         f"ok), restore a backup, or move {path} away to start a new one")
 
 
 def errno_of(path: Path) -> int:

@@ -34,7 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from resnet_sweep import faults
 from resnet_sweep.stores import create_whole, store_lock, wait_for_sqlite_locks
+from resnet_sweep.workers import process_gone, process_tags
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,36 @@ def is_server(uri: str) -> bool:
     return uri.split(":", 1)[0].lower() in ("http", "https")
 
 
+def answers(uri: str, timeout: float = 5.0) -> bool:
+    """Whether the tracking store at `uri` answers now: a server's health check within `timeout` seconds
+    (MLflow's own requests retry for minutes); a database or folder is taken to answer."""
+    if not is_server(uri):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def sweep_command(config: DictConfig) -> str:
+    """The command that runs this sweep, as a user would type it (what the parent run records)."""
+    hc = HydraConfig.get()
+    return " ".join(["python -m resnet_sweep -m", *hc.overrides.task,
+                     *(o for o in hc.overrides.hydra if not o.startswith("hydra.mode="))])
+
+
+def _no_traceback(record: logging.LogRecord) -> bool:
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
 def mlflow_client(uri: str) -> MlflowClient:
-    """MlflowClient for `uri`; its SQLite connections wait for locks as long as Optuna's (stores)."""
+    """MlflowClient for `uri`; its SQLite connections wait for locks as long as Optuna's (stores). MLflow's
+    SQL store logs the traceback of every database error it raises again: the error says it once."""
+    logging.getLogger("mlflow.store.db.utils").addFilter(_no_traceback)
     wait_for_sqlite_locks()
     return MlflowClient(uri)
 
@@ -89,7 +119,8 @@ class StudyRun:
     run becomes its child (the sweeper hands `run_id` to each job as sweep.parent_run).
     """
 
-    def __init__(self, config: DictConfig, study: Any, sampler: Any, pruner: Any, space: dict[str, Any]) -> None:
+    def __init__(self, config: DictConfig, study: Any, sampler: Any, pruner: Any, space: dict[str, Any],
+                 history: list[tuple[str, str]] | None = None) -> None:
         t = config.tracking
         self.client = mlflow_client(t.uri) if t.enabled else None
         if self.client is None:
@@ -98,13 +129,16 @@ class StudyRun:
         run_id = study.user_attrs.get("mlflow_parent_run_id")
         if run_id and self._exists(run_id):
             self.client.update_run(run_id, status="RUNNING")
+            JobRun(self.client, run_id).set_tags(process_tags())  # the process that now runs the study
+            if "failure_reason" in self.client.get_run(run_id).data.tags:  # of the sweep that stopped before
+                self.client.delete_tag(run_id, "failure_reason")
             log.info("MLflow study run %s reopened (rerun of study '%s')", run_id, study.study_name)
         else:
             hc = HydraConfig.get()
-            tags = {"role": "sweep", "optuna.study": study.study_name, "optuna.storage": config.hydra.sweeper.storage,
+            tags = {"role": "sweep", **process_tags(), "optuna.study": study.study_name,
+                    "optuna.storage": config.hydra.sweeper.storage,
                     "mlflow.source.git.commit": _git_commit(), "hydra.overrides": " ".join(hc.overrides.task),
-                    "command": " ".join(["python -m resnet_sweep -m", *hc.overrides.task,
-                                         *(o for o in hc.overrides.hydra if not o.startswith("hydra.mode="))])}
+                    "command": sweep_command(config)}
             swept = "+".join(sorted(k.rsplit(".", 1)[-1] for k in space)) or "nothing"
             run = self.client.create_run(experiment_id, run_name=f"sweep of {swept}: study {study.study_name}",
                                          tags=record_tags(tags))
@@ -119,7 +153,11 @@ class StudyRun:
                 "n_trials": config.hydra.sweeper.n_trials, "direction": str(config.hydra.sweeper.direction)})
             log.info("MLflow study run %s (parent of every trial's run)", run_id)
         self.run_id, self.experiment_id = run_id, experiment_id
-        JobRun(self.client, run_id).set_tags({"sweep.dir": str(Path(config.hydra.sweep.dir).resolve())})
+        tags: dict[str, Any] = {"sweep.dir": str(Path(config.hydra.sweep.dir).resolve())}
+        if history and len(history) > 1:  # the study ran with another space or command too: each, in order
+            tags["commands"] = "\n".join(command for command, _ in history)
+            tags["search_spaces"] = "\n".join(space for _, space in history)
+        JobRun(self.client, run_id).set_tags(tags)
 
     def _exists(self, run_id: str) -> bool:
         try:
@@ -127,6 +165,21 @@ class StudyRun:
             return True
         except MlflowException:
             return False
+
+    def close_orphans(self, trials: list[Any]) -> None:
+        """End KILLED the trial runs that are RUNNING while their trial has ended (the job could not close its
+        run: its store failed, or it was killed on a node this host cannot see)."""
+        if self.client is None:
+            return
+        ended = {str(t.number): t for t in trials if t.state.is_finished()}
+        for run in self.client.search_runs([self.experiment_id], max_results=1000,
+                                           filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' "
+                                                         f"and attributes.status = 'RUNNING'"):
+            trial = ended.get(run.data.tags.get("optuna.trial", ""))
+            if trial is not None:
+                reason = str(trial.user_attrs.get("fail_reason") or f"its trial ended {trial.state.name}")
+                JobRun(self.client, run.info.run_id).set_tags({"failure_reason": reason})
+                self.client.set_terminated(run.info.run_id, "KILLED")
 
     def end_trial_runs(self, trial: int, reason: str, status: str = "KILLED") -> None:
         """End the runs of trial number `trial` that still run `status` (KILLED: interrupted), with `reason`.
@@ -173,6 +226,23 @@ class StudyRun:
             self.client.set_terminated(self.run_id, status)
         except Exception as exc:  # noqa: BLE001 (the store may be the cause; the original error matters more)
             log.warning("could not mark MLflow study run %s %s: %s", self.run_id, status, exc)
+
+
+def close_dead_runs(uri: str) -> None:
+    """End KILLED, with the reason, every run in the store at `uri` left RUNNING by a process of this host
+    that has ended without closing it (kill -9, a crash, a store that failed under it): run by each
+    command before it records anything, so that no run stays RUNNING after its process. Runs of other
+    hosts' processes are theirs to close (a sweep closes its trials' runs: StudyRun.close_orphans)."""
+    client = mlflow_client(uri)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(ids, filter_string="attributes.status = 'RUNNING'", max_results=1000) if ids else []:
+        tags = run.data.tags
+        if process_gone(tags):
+            reason = (f"interrupted: its process (pid {tags['process.pid']} on {tags['process.host']}) ended without "
+                      f"closing it (killed, or its store failed); closed by a later command")
+            JobRun(client, run.info.run_id).set_tags({"failure_reason": reason})
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.warning("MLflow run %s was left RUNNING by a process that ended: marked KILLED", run.info.run_id)
 
 
 def end_study_run(cfg: DictConfig, status: str, reason: str) -> None:
@@ -312,6 +382,7 @@ class JobRun:
         self._pending: list[Future] = []
         self._unwritten: list[Metric] = []  # epochs not yet handed to the writer (see log_series)
         self._last_write = time.monotonic()
+        self._write_failed: list[BaseException] = []  # a background write that failed (after MLflow's retries)
 
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(clean_key(k), shorten(mask_passwords(str(v)), MAX_PARAM_VAL_LENGTH)) for k, v in params.items()]
@@ -333,6 +404,8 @@ class JobRun:
         if wait:
             self.client.log_batch(self.run_id, metrics=items)
             return
+        if self._write_failed:  # the store failed: stop here rather than train on unrecorded
+            raise self._write_failed[0]
         self._unwritten += items
         if time.monotonic() - self._last_write >= WRITE_EVERY_S:
             self._hand_to_writer()
@@ -343,8 +416,17 @@ class JobRun:
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="mlflow-writes")  # one: in order
-        self._pending.append(self._writer.submit(self.client.log_batch, self.run_id, metrics=items))
+        self._pending.append(self._writer.submit(self._write, items))
         self._last_write = time.monotonic()
+
+    def _write(self, items: list[Metric]) -> None:
+        if self._write_failed:  # after a failed write, the next would only wait out the same retries
+            raise self._write_failed[0]
+        try:
+            self.client.log_batch(self.run_id, metrics=items)
+        except BaseException as exc:
+            self._write_failed.append(exc)
+            raise
 
     def flush(self) -> None:
         """Write what log_metrics(wait=False) has left, and wait for it (raises if a write failed)."""
@@ -355,8 +437,37 @@ class JobRun:
                 write.result()
         finally:
             if self._writer is not None:
-                self._writer.shutdown(wait=True)
+                self._writer.shutdown(wait=True, cancel_futures=True)
                 self._writer = None
+
+    def end_early(self, exc: BaseException, uri: str, job_dir: Path) -> None:
+        """End the run for `exc`: FAILED for the job's own error, KILLED for an interruption (SIGTERM, Ctrl-C,
+        a stall) or a fault of the environment, with the reason, the epochs so far and the .hydra/ folder.
+        A run that another process has ended already (a sweep that found its trial stale) keeps its record.
+        Each write is tried on its own, since the store may be the cause; none is tried against a tracking
+        server that does not answer (each would wait out MLflow's retries, minutes): the next command in
+        the store closes the run (close_dead_runs, StudyRun)."""
+        fault = faults.classify(exc)
+        if fault is not None and is_server(uri) and any(
+                type(link).__module__.split(".")[0] in ("mlflow", "requests", "urllib3") for link in faults.chain(exc)):
+            log.error("MLflow run %s is left RUNNING: the tracking server does not answer (%s); the next command in "
+                      "that store closes it", self.run_id, fault)
+            return
+        try:
+            if self.client.get_run(self.run_id).info.status != "RUNNING":
+                log.warning("MLflow run %s was ended by another process; it keeps that record", self.run_id)
+                return
+        except Exception as error:  # noqa: BLE001 (the store may be the cause; the original error matters more)
+            log.warning("MLflow run %s: %s: %s", self.run_id, type(error).__name__, error)
+        status = "FAILED" if isinstance(exc, Exception) and fault is None else "KILLED"
+        for write in (self.flush,  # the epochs recorded before it went wrong
+                      lambda: self.set_tags({"failure_reason": f"{type(exc).__name__}: {exc}"}),
+                      lambda: self.log_text_folder(job_dir / ".hydra", ".hydra"),
+                      lambda: self.client.set_terminated(self.run_id, status)):
+            try:
+                write()
+            except Exception as error:  # noqa: BLE001 (the store may be the cause; the original error matters more)
+                log.warning("MLflow run %s: %s: %s", self.run_id, type(error).__name__, error)
 
     def log_text_folder(self, folder: Path, artifact_path: str | None = None) -> None:
         """The files of `folder`, with any password in a URL masked (Hydra's own .hydra/ files keep what
@@ -438,9 +549,11 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
         return
     client = mlflow_client(t.uri)
     experiment_id = prepare_store(t.uri, t.experiment, t.artifact_location)
+    if HydraConfig.get().mode.name != "MULTIRUN":  # a sweep did this before it launched its jobs
+        close_dead_runs(t.uri)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    tags = {**provenance_tags(), "role": "run", **(extra_tags or {})}
+    tags = {**provenance_tags(), **process_tags(), "role": "run", **(extra_tags or {})}
     parent = cfg.sweep.get("parent_run")
     if parent and HydraConfig.get().mode.name == "MULTIRUN":
         tags.update({"mlflow.parentRunId": parent, "sweep.dir": str(job_dir.parent), "role": "trial"})
@@ -454,14 +567,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
         job.log_artifact(config_file)
         yield job
     except BaseException as exc:
-        try:
-            job.flush()  # the epochs recorded before it went wrong
-        except Exception as flush_error:  # noqa: BLE001 (the store may be the cause; the original error matters more)
-            log.warning("some epoch metrics of run %s were not recorded: %s", job.run_id, flush_error)
-        job.set_tags({"failure_reason": f"{type(exc).__name__}: {exc}"})
-        status = "FAILED" if isinstance(exc, Exception) else "KILLED"  # SIGTERM, Ctrl-C
-        job.log_text_folder(job_dir / ".hydra", ".hydra")
-        client.set_terminated(job.run_id, status)
+        job.end_early(exc, t.uri, job_dir)
         raise
     job.flush()
     if _job_started:  # what the job did from its start to here, training included (bench --sweep: overhead)

@@ -111,10 +111,11 @@ def postgres(databases: tuple[str, ...] = ("optuna", "mlflow")) -> Iterator[str]
 
 
 @contextmanager
-def mlflow_server(backend: str, folder: Path) -> Iterator[str]:
-    """`mlflow server` on `backend` with proxied artifacts under `folder`/artifacts; yields its URL."""
+def mlflow_server(backend: str, folder: Path, port: int | None = None) -> Iterator[str]:
+    """`mlflow server` on `backend` with proxied artifacts under `folder`/artifacts, on `port` (default: a
+    free one); yields its URL."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = folder / "mlflow-server.log"
     with ExitStack() as stack:
         _daemon(stack, [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
