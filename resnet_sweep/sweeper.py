@@ -25,15 +25,20 @@ import math
 import os
 import queue
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import optuna
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -41,9 +46,11 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import FrozenTrial, TrialState
 
-from resnet_sweep import stores, tracking, trials, workers
+from resnet_sweep import faults, stores, tracking, trials, workers
+from resnet_sweep import space as space_check
 from resnet_sweep.config import ConfigError, validate
 from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.trials import counted
@@ -65,6 +72,7 @@ CLUSTER_LAUNCHERS = ("SlurmLauncher", "LocalLauncher")  # hydra-submitit-launche
 # joblib launcher deep-copies and pickles its global state per launch). One is enough unless workers end
 # within that time of each other.
 QUEUED_AHEAD = 1
+SPACES = "search_spaces"  # study user attr: each search space and command that ran in the study, in order
 
 
 @dataclass
@@ -79,6 +87,15 @@ class ResnetOptunaSweeperConf(OptunaSweeperConf):
     # Stop the sweep once more than this share of its counted trials failed (1.0: never; interruptions
     # are not failures). The official sweeper's 0.0 would end a sweep at its first diverged trial.
     max_failure_rate: float = 1.0
+    # Seconds: no trial starts after this much of the sweep (those running finish), as Optuna's optimize().
+    timeout: Optional[float] = None
+    # Seconds a trial may train; one that runs longer fails (and counts), as its own fault.
+    trial_timeout: Optional[float] = None
+    # Seconds without a training step after which a trial is stopped and retried (null: adaptive, see
+    # trials.STALL_FACTOR); parameters that stall 3 times fail.
+    stall_timeout: Optional[float] = None
+    # Resume a study whose search space differs from this command's, on purpose (else refused).
+    allow_space_change: bool = False
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="resnet_optuna", node=ResnetOptunaSweeperConf,
@@ -88,7 +105,9 @@ ConfigStore.instance().store(group="hydra/sweeper", name="resnet_optuna", node=R
 class ResnetOptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None, n_trials: int,
                  n_jobs: int, max_failure_rate: float, custom_search_space: str | None, params: DictConfig | None,
-                 pruner: Any = None, heartbeat_interval: int = 5, grace_period: int = 20) -> None:
+                 pruner: Any = None, heartbeat_interval: int = 5, grace_period: int = 20, timeout: float | None = None,
+                 trial_timeout: float | None = None, stall_timeout: float | None = None,
+                 allow_space_change: bool = False, **unknown: Any) -> None:
         if n_jobs < 1:
             raise ValueError(f"hydra.sweeper.n_jobs={n_jobs}: the sweeper keeps n_jobs trials in flight, so it must "
                              f"be >= 1 (with workers=joblib it follows hydra.launcher.n_jobs)")
@@ -98,6 +117,8 @@ class ResnetOptunaSweeper(Sweeper):
         self.impl.pruner = (instantiate(pruner, _execution_whitelist_=("optuna.pruners.*",)) if pruner
                             else optuna.pruners.NopPruner())
         self.impl.heartbeat_interval, self.impl.grace_period = heartbeat_interval, grace_period
+        self.impl.limits = {"timeout": timeout, "trial_timeout": trial_timeout, "stall_timeout": stall_timeout}
+        self.impl.allow_space_change, self.impl.unknown = allow_space_change, unknown
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.impl.setup(hydra_context=hydra_context, task_function=task_function, config=config)
@@ -145,6 +166,9 @@ class _Impl(OptunaSweeperImpl):
     sampler_config: Any
     heartbeat_interval: int
     grace_period: int
+    limits: dict[str, float | None]  # timeout, trial_timeout, stall_timeout
+    allow_space_change: bool
+    unknown: dict[str, Any]  # settings the sweeper does not take (refused in _check)
 
     def _sampler_settings(self) -> dict[str, Any]:
         cfg = OmegaConf.to_container(self.sampler_config, resolve=True) if self.sampler_config else {}
@@ -182,17 +206,15 @@ class _Impl(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         install_sigterm_handler()
         tracking.mask_passwords_in_logs()
-        try:
-            self._check()  # before any study, run or trial exists
+        self._begun = time.monotonic()  # hydra.sweeper.timeout counts from here
+        try:  # before any study, run or trial exists
+            space, fixed, fixed_overrides = self._space(arguments)
+            self._check(space, fixed, fixed_overrides)
         except UserError as exc:
             exit_with(exc)
-        self._process_searchspace_config()
-        space, fixed, fixed_overrides = create_params_from_overrides(self._parse_sweeper_params_config()
-                                                                     + list(arguments))
         sampler = self._make_sampler(space)
-        for name in fixed:
-            space.pop(name, None)
         self.parent: tracking.StudyRun | None = None
+        self._mlflow_down = False
         if type(self.launcher).__name__ in LOCAL_WORKERS:
             os.environ[SWEEPER_PID_ENV] = str(os.getpid())  # before any worker starts: workers watch this process
         try:
@@ -201,11 +223,14 @@ class _Impl(OptunaSweeperImpl):
                 storage = trials.open_storage(self.storage, self.heartbeat_interval, self.grace_period, self._stale)
                 study = optuna.create_study(study_name=self.study_name, storage=storage, sampler=sampler,
                                             pruner=self.pruner, directions=self._get_directions(), load_if_exists=True)
+                spaces = self._same_space(study, space)  # refused before anything is written
+                study.set_user_attr(SPACES, spaces)
                 log.info("Study %s in %s: %d trials finished of n_trials=%d", study.study_name,
                          tracking.safe_url(str(self.storage)), len(counted(study.trials)), self.n_trials)
                 warm = self._warm_workers() if len(counted(study.trials)) < self.n_trials else None
                 if (t := self.config.tracking).enabled:  # a fresh MLflow database is made while workers warm up
                     tracking.prepare_store(t.uri, t.experiment, t.artifact_location)
+                    tracking.close_dead_runs(t.uri)
             if warm is not None:
                 warm()
         except UserError as exc:  # before any trial or run exists
@@ -216,15 +241,20 @@ class _Impl(OptunaSweeperImpl):
             log.error("Sweep interrupted (%s: %s) before any trial started; run the same command again to start "
                       "it.", type(exc).__name__, exc)
             raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 143) from None  # 128 + SIGINT/SIGTERM
-        except BaseException:
+        except BaseException as exc:
             self._stop_workers()  # workers that started would keep this process ~6 s finishing their imports
+            self._environment_stop(exc, None)
             raise
-        # the parent run starts when the workers can train (one process at a time: one parent run per study)
-        with stores.store_lock(str(self.storage)):
-            self.parent = parent = tracking.StudyRun(self.config, study, self._sampler_settings(), self.pruner, space)
         self._started, self._done_here = time.monotonic(), 0  # for the progress lines' time left
         self._objective = getattr(self.config.get("objective"), "name", self.config.get("objective", "objective"))
+        study_name = study.study_name
         try:
+            # the parent run starts when the workers can train (one process at a time: one parent run per study)
+            with stores.store_lock(str(self.storage)):
+                history = [(h["command"], space_check.describe(h["space"])) for h in spaces]
+                self.parent = parent = tracking.StudyRun(self.config, study, self._sampler_settings(), self.pruner,
+                                                         space, history)
+                parent.close_orphans(study.trials)
             self._run(study, storage, space, fixed, fixed_overrides)
             # nothing is in flight: stop the workers now rather than at exit, where each spent ~3 s tearing
             # down its interpreter (torch, MLflow) while the command seemed done
@@ -233,17 +263,116 @@ class _Impl(OptunaSweeperImpl):
         except SystemExit:
             raise  # the failure summary has ended the parent run
         except (KeyboardInterrupt, Terminated) as exc:
-            parent.end("KILLED", f"interrupted: {type(exc).__name__}: {exc}")
+            if self.parent is not None:
+                self.parent.end("KILLED", f"interrupted: {type(exc).__name__}: {exc}")
             log.error("Sweep interrupted (%s: %s). Trials in flight are marked interrupted; run the same command "
-                      "again to finish study '%s'.", type(exc).__name__, exc, study.study_name)
+                      "again to finish study '%s'.", type(exc).__name__, exc, study_name)
             raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 143) from None  # 128 + SIGINT/SIGTERM
         except BaseException as exc:
-            parent.end("FAILED", f"{type(exc).__name__}: {exc}")
+            self._environment_stop(exc, study_name)
+            if self.parent is not None:
+                self.parent.end("FAILED", f"{type(exc).__name__}: {exc}")
             raise
 
-    def _check(self) -> None:
-        """What the sweep's command gets wrong, found before anything is created: the config as the jobs
-        will see it (less the swept values), the objective, the names, the stores."""
+    def _space(self, arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        """The search space (name -> Optuna distribution), the fixed values and the deletions of the command
+        and of hydra.sweeper.params; ConfigError for a sweep Optuna cannot take (a log interval from 0)."""
+        self._process_searchspace_config()
+        written = self._parse_sweeper_params_config() + list(arguments)
+        try:
+            space, fixed, fixed_overrides = create_params_from_overrides(written)
+        except ValueError:
+            for override in written:  # which one
+                try:
+                    create_params_from_overrides([override])
+                except ValueError as exc:
+                    raise ConfigError(f"{override} cannot be swept: {exc} (e.g. a log interval starts above 0: "
+                                      f"'optimizer.lr=tag(log,interval(1e-4,1))')") from None
+            raise
+        for name in fixed:
+            space.pop(name, None)
+        self._written = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in written if "=" in o}
+        return space, fixed, fixed_overrides
+
+    def _same_space(self, study: optuna.Study, space: dict[str, Any]) -> list[dict[str, Any]]:
+        """The spaces and commands that ran in the study, this one added; ConfigError if this command's space
+        differs from the study's last one, unless hydra.sweeper.allow_space_change=true (a categorical's
+        choices can never change: Optuna keeps one set per parameter)."""
+        command = tracking.sweep_command(self.config)
+        now = {name: optuna.distributions.distribution_to_json(d) for name, d in space.items()}
+        history = list(study.user_attrs.get(SPACES, []))
+        seen = {name: optuna.distributions.distribution_to_json(d) for t in study.trials
+                for name, d in t.distributions.items()}
+        if not history and seen:  # a study made before spaces were recorded: its trials tell
+            history = [{"space": seen, "command": "?"}]
+        last = history[-1]["space"] if history else now
+        if last != now:
+            changes = space_check.changes(last, now)
+            for name, old in last.items():
+                if name in now and not space_check.compatible(old, now[name]):
+                    raise ConfigError(f"study '{study.study_name}' sweeps {name}={space_check.short(old)}; this "
+                                      f"command gives {name}={space_check.short(now[name])}, which Optuna cannot put "
+                                      f"in the same study (a choice's values, or a value's kind, never change in "
+                                      f"one). Start a new study: add hydra.sweeper.study_name={study.study_name}-2")
+            if not self.allow_space_change:
+                raise ConfigError(f"study '{study.study_name}' was swept over another search space ({changes}). "
+                                  f"Start a new study (add hydra.sweeper.study_name={study.study_name}-2), or add "
+                                  f"hydra.sweeper.allow_space_change=true to go on in this one with the new space")
+        if not history or history[-1] != {"space": now, "command": command}:
+            history.append({"space": now, "command": command})
+        return history
+
+    def _environment_stop(self, exc: BaseException, study_name: str | None) -> None:
+        """If `exc` is a fault of the environment (faults.py): end the parent run KILLED where the store lets
+        it, print one paragraph naming the resource and the fix, and exit (75, or 2 for a damaged store)."""
+        fault = faults.classify(exc)
+        if fault is None:
+            return
+        t = self.config.tracking
+        if fault.kind == "damaged store":  # name the file, as the check before a sweep does
+            try:
+                stores.check_store(str(self.storage), "hydra.sweeper.storage")
+                if t.enabled:
+                    stores.check_store(t.uri, "tracking.uri")
+            except UserError as damaged:
+                exit_with(damaged)
+        if self.parent is not None:
+            if not tracking.answers(t.uri):
+                log.warning("MLflow's server does not answer: the study's run %s is closed by the next sweep of it",
+                            self.parent.run_id)
+            else:
+                self.parent.end("KILLED", f"interrupted: {fault}")
+        resources = {}
+        if fault.store != "tracking":
+            resources["hydra.sweeper.storage"] = tracking.safe_url(str(self.storage))
+        if t.enabled and fault.store != "study":
+            resources["tracking.uri"] = tracking.safe_url(t.uri)
+        if fault.kind in ("disk full", "input/output error"):
+            resources = {k: str(stores.sqlite_file(v) or v) for k, v in resources.items()}
+            resources.update({"hydra.sweep.dir": str(self.config.hydra.sweep.dir)} |
+                             ({"tracking.artifact_location": str(t.artifact_location)} if t.enabled else {}))
+        then = (f"run the same command again: study '{study_name}' goes on where it stopped (its trials in "
+                f"flight were interrupted: they are run again, not counted)" if study_name else
+                "run the same command again")
+        print(f"Error: sweep stopped by a fault of the environment, {faults.paragraph(fault, resources, then)}",
+              file=sys.stderr)
+        raise SystemExit(2 if fault.kind == "damaged store" else faults.EXIT_CODE)
+
+    def _check(self, space: dict[str, Any], fixed: dict[str, Any], fixed_overrides: list[str]) -> None:
+        """What the sweep's command gets wrong, found before anything is created: the sweeper's settings, the
+        config as the jobs will see it (less the swept values), every value the search space can give, the
+        objective, the names, the stores."""
+        if self.unknown:
+            raise ConfigError(f"hydra.sweeper.{sorted(self.unknown)[0]} is not a setting of the sweeper; it takes "
+                              f"{', '.join(f.name for f in fields(ResnetOptunaSweeperConf) if not f.name.startswith('_'))}")
+        for key, value in self.limits.items():
+            if value is not None and not value > 0:
+                raise ConfigError(f"hydra.sweeper.{key}={value}: give a number of seconds > 0, or null for none")
+        if self.launcher.__class__.__name__ == "JoblibLauncher" and self.launcher.joblib.get("timeout") is not None:
+            raise ConfigError(f"hydra.launcher.timeout={self.launcher.joblib.get('timeout')} is joblib's: when one "
+                              f"trial passes it, joblib stops every worker, and the sweep with them. For a time limit "
+                              f"per trial use hydra.sweeper.trial_timeout=SECONDS, for the whole sweep "
+                              f"hydra.sweeper.timeout=SECONDS")
         job_config = self.config.copy()
         with open_dict(job_config):
             del job_config["hydra"]
@@ -267,6 +396,9 @@ class _Impl(OptunaSweeperImpl):
                 process_joblib_cfg(dict(self.launcher.joblib))
             except ValueError as exc:
                 raise ConfigError(f"hydra.launcher: {exc}") from None
+        overrides = [f"{name}={value}" for name, value in fixed.items()] + list(fixed_overrides)
+        space_check.check(space, self._written, overrides,
+                          lambda o: self.hydra_context.config_loader.load_sweep_config(self.config, o))
 
     def _warm_workers(self) -> Callable[[], None] | None:
         """Start joblib's worker processes now and have each import what a job needs (workers.warm_up, ~6 s
@@ -309,11 +441,15 @@ class _Impl(OptunaSweeperImpl):
     def _run(self, study: optuna.Study, storage: Any, space: dict[str, Any], fixed: dict[str, Any],
              fixed_overrides: list[str]) -> None:
         """Keep up to n_jobs trials training (and QUEUED_AHEAD waiting for a joblib worker) until the study
-        holds n_trials counted ones. Asynchronous: as soon as one trial finishes, its result is settled and
-        the next is asked and launched, so a slow trial never holds the other workers. Waits while other
-        processes' trials run (they may finish the study, or die and be retried here)."""
+        holds n_trials counted ones, or hydra.sweeper.timeout has passed and nothing is in flight.
+        Asynchronous: as soon as one trial finishes, its result is settled and the next is asked and
+        launched, so a slow trial never holds the other workers. Waits while other processes' trials run
+        (they may finish the study, or die and be retried here)."""
         self._in_flight: dict[int, optuna.Trial] = {}
         self._ended_at: dict[int, float] = {}  # when a trial in flight was first seen ended (_release_ended)
+        self._found_stale: set[int] = set()  # trials that fail_stale_trials failed here (see _stale)
+        self._pool_broken_for: int | None = None  # the trial whose stuck worker this process killed
+        self._timed_out = False
         finished: queue.Queue = queue.Queue()  # (trial number, JobReturn or None, exception or None)
         stop_beat = trials.beat(storage, lambda: self._unstarted(storage), self.heartbeat_interval)
         said_waiting = False
@@ -326,7 +462,9 @@ class _Impl(OptunaSweeperImpl):
                     trials.queue_retries(study)
                     all_trials = study.get_trials(deepcopy=False)
                     done = counted(all_trials)
-                    if len(done) >= self.n_trials and not self._in_flight:
+                    timeout = self.limits["timeout"]
+                    self._timed_out = bool(timeout) and time.monotonic() - self._begun >= timeout
+                    if (len(done) >= self.n_trials or self._timed_out) and not self._in_flight:
                         return
                     self._check_failure_rate(study, done)
                     running = [t for t in all_trials if t.state == TrialState.RUNNING]
@@ -334,7 +472,10 @@ class _Impl(OptunaSweeperImpl):
                     if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs
                            for t in all_trials):  # a trial whose worker died beside another's runs alone
                         slots = min(slots, 0 if self._in_flight else 1)
-                    batch = self._ask(study, storage, slots)
+                    batch = self._ask(study, storage, 0 if self._timed_out else slots)
+                for number in sorted(self._found_stale & set(self._in_flight)):
+                    self._stop_job(study, number)
+                self._found_stale.clear()
                 for trial in batch:
                     self._start(trial, space, fixed, fixed_overrides, finished)
                 if self._in_flight:
@@ -351,10 +492,31 @@ class _Impl(OptunaSweeperImpl):
         except BaseException as exc:  # SIGTERM, Ctrl-C, a launcher error: close what is in flight, then go
             self._stop_workers()
             for number in list(self._in_flight):
-                self._interrupt(study, number, f"interrupted: sweep stopped by {type(exc).__name__}: {exc}")
+                try:
+                    self._interrupt(study, number, f"interrupted: sweep stopped by {type(exc).__name__}: {exc}")
+                except Exception as error:  # noqa: BLE001 (the store may be why it stopped: a rerun finds it silent)
+                    log.warning("trial %d: could not mark it interrupted (%s)", number, error)
             raise
         finally:
             stop_beat()
+
+    def _stop_job(self, study: optuna.Study, number: int) -> None:
+        """A trial in flight was found stale (its job made no progress, or died without a word): stop its job,
+        if it still runs, and free its slot. A joblib worker of this process is killed (loky then restarts
+        its pool, and the trials beside it are interrupted: see _collect); a SLURM job is cancelled."""
+        self._in_flight.pop(number, None)
+        job = trials.find(study, number).user_attrs.get(trials.PROCESS) or {}
+        pid = int(job.get("pid") or 0)
+        if job.get("slurm"):
+            subprocess.run(["scancel", str(job["slurm"])], capture_output=True, timeout=60)
+            log.warning("trial %d: its SLURM job %s was cancelled; its slot is free", number, job["slurm"])
+        elif job.get("host") == socket.gethostname() and pid and pid != os.getpid() and _parent_of(pid) == os.getpid():
+            self._pool_broken_for = number
+            os.kill(pid, signal.SIGKILL)  # a stopped (SIGSTOP) or stuck process too
+            log.warning("trial %d: its worker process %d was killed; its slot is free", number, pid)
+        else:
+            log.warning("trial %d: its job (%s) cannot be stopped from here; its slot is free", number,
+                        job or "not started")
 
     def _unstarted(self, storage: Any) -> list[int]:
         """Ids of the trials in flight whose jobs have not started (e.g. queued on a cluster): this process
@@ -411,26 +573,47 @@ class _Impl(OptunaSweeperImpl):
         while not finished.empty():
             results.append(finished.get_nowait())
         results = [r for r in results if r[0] in self._in_flight]  # a released trial's job, come back late
-        died = [(n, exc) for n, _, exc in results if exc is not None and type(exc).__name__ in WORKER_DIED]
-        if died:
+        if any(_worker_died(exc) for _, _, exc in results):
             # loky stops every worker of its pool when one dies: every trial in flight fails with it
             reported = {n for n, _, _ in results}
-            while reported != set(self._in_flight):
+            while not set(self._in_flight) <= reported:
                 n, ret, exc = finished.get(timeout=300)
-                results.append((n, ret, exc))
-                reported.add(n)
-            died = [(n, exc) for n, _, exc in results if exc is not None and type(exc).__name__ in WORKER_DIED]
-            self._worker_died(study, [self._in_flight[n] for n, _ in died], died[0][1])
+                if n in self._in_flight:
+                    results.append((n, ret, exc))
+                    reported.add(n)
+            died = [(n, exc) for n, _, exc in results if _worker_died(exc)]
+            self._worker_died(study, [n for n, _ in died], died[0][1])
         for number, ret, exc in results:
-            if exc is not None and type(exc).__name__ in JOB_LOST:
-                self._job_lost(study, number, exc)
-            elif exc is not None and type(exc).__name__ not in WORKER_DIED:
-                raise exc  # a launcher error: the sweep stops (see _run)
+            if exc is not None and not _worker_died(exc):
+                self._job_raised(study, number, exc)  # may stop the sweep: the trial is still in flight then
             self._in_flight.pop(number, None)
             self._ended_at.pop(number, None)  # seen ended by _release_ended before its job came back
             if exc is None:
                 self._settle(study, number, ret)
             self._progress(study, number)
+            fault = trials.find(study, number).user_attrs.get(trials.ENVIRONMENT)
+            if fault:  # the job met a fault of the environment: the trials after it would too
+                raise faults.EnvironmentStop(faults.Fault(**fault))
+
+    def _job_raised(self, study: optuna.Study, number: int, exc: BaseException) -> None:
+        """The launcher raised for trial `number`'s job (the job itself raised outside the task, or never
+        ran): a cluster job lost (interrupted) or failed; a job stopped from outside (interrupted); a fault
+        of the environment (interrupted, and the sweep stops); the trial's own config that does not compose
+        (it fails alone). Anything else is the launcher's and stops the sweep."""
+        if type(exc).__name__ in JOB_LOST:
+            self._job_lost(study, number, exc)
+        elif isinstance(exc, (Terminated, KeyboardInterrupt)):
+            self._interrupt(study, number, f"interrupted: its job was stopped ({type(exc).__name__}: {exc})")
+        elif (fault := faults.classify(exc)) is not None:
+            self._interrupt(study, number, f"interrupted: {fault}", **{trials.ENVIRONMENT: fault.__dict__})
+            raise faults.EnvironmentStop(fault) from exc
+        elif isinstance(exc, (HydraException, OmegaConfBaseException, UserError)):
+            reason = f"its config does not compose: {type(exc).__name__}: {' '.join(str(exc).split())[:1000]}"
+            trials.end(study, number, TrialState.FAIL, reason=reason)
+            self._kill_run(number, reason, status="FAILED")
+            log.error("trial %d failed: %s", number, reason)
+        else:
+            raise exc  # a launcher error: the sweep stops (see _run)
 
     def _release_ended(self, study: optuna.Study) -> None:
         """Free the slot of a cluster job whose trial has ended while the launcher still waits for the job.
@@ -507,20 +690,26 @@ class _Impl(OptunaSweeperImpl):
             trials.end(study, number, TrialState.FAIL, reason=f"its job failed ({error})")
             self._kill_run(number, f"its job failed ({error})", status="FAILED")
 
-    def _worker_died(self, study: optuna.Study, batch: list[optuna.Trial], exc: BaseException) -> None:
-        """The launcher raised: a worker process died (killed by the kernel: out of memory?). loky then
-        SIGKILLs every other worker of its pool, so with several trials in flight the victim is unknown:
-        those trials are retried, each alone (see _run), and a trial whose worker dies alone has failed."""
+    def _worker_died(self, study: optuna.Study, numbers: list[int], exc: BaseException) -> None:
+        """The launcher raised: a worker process died (killed by the kernel: out of memory? or by this sweep,
+        to stop a stuck trial). loky then SIGKILLs every other worker of its pool, so with several trials in
+        flight the victim is unknown: those trials are retried, each alone (see _run), and a trial whose
+        worker dies alone has failed. Where this sweep killed the worker, the others are simply retried."""
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        left = [t.number for t in batch if trials.find(study, t.number).state == TrialState.RUNNING]
+        left = [n for n in numbers if trials.find(study, n).state == TrialState.RUNNING]
+        stopped, self._pool_broken_for = self._pool_broken_for, None
         for number in left:
-            if len(left) == 1:
+            if stopped is not None:
+                self._interrupt(study, number, f"interrupted: its worker pool was restarted to stop trial {stopped}, "
+                                               f"which made no progress")
+            elif len(left) == 1:
                 trials.end(study, number, TrialState.FAIL, reason=f"its worker process died ({error})")
                 self._kill_run(number, f"its worker process died ({error})", status="FAILED")
             else:
                 self._interrupt(study, number, f"interrupted: a worker process died beside it ({error})",
                                 **{trials.WORKER_DEATHS: True})  # its retry runs alone
-        log.error("A worker process died (%s); the sweep goes on with fresh workers", error)
+        if stopped is None:
+            log.error("A worker process died (%s); the sweep goes on with fresh workers", error)
 
     def _interrupt(self, study: optuna.Study, number: int, reason: str, **attrs: Any) -> None:
         if trials.end(study, number, TrialState.FAIL, reason=reason, interrupted=True, **attrs):
@@ -528,16 +717,27 @@ class _Impl(OptunaSweeperImpl):
         self._kill_run(number, reason)
 
     def _kill_run(self, number: int, reason: str, status: str = "KILLED") -> None:
-        if self.parent is not None:
+        """End trial `number`'s runs `status`; not with a tracking server that does not answer (each request
+        would wait out MLflow's retries, minutes): the next sweep of the study closes them (close_orphans)."""
+        if self.parent is not None and tracking.answers(self.config.tracking.uri):
             self.parent.end_trial_runs(number, reason, status)
 
     def _stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        """Optuna's fail_stale_trials failed this RUNNING trial (no heartbeat for grace_period s): it was
-        interrupted (its process died); queue its parameters again, end its MLflow run KILLED."""
-        reason = f"interrupted: no heartbeat for {self.grace_period} s (its process died)"
-        trials.retry(study, trial, reason)  # fail_stale_trials runs under the store lock: queued once
-        self._kill_run(trial.number, reason)
-        log.warning("trial %d was left RUNNING by a process that died: its parameters will run again", trial.number)
+        """Optuna's fail_stale_trials failed this RUNNING trial (no heartbeat for grace_period s): its process
+        died or stopped, or its job made no progress (it stops beating then: trials.JobTrial). Queue its
+        parameters again (unless they stalled too often: then the trial counts, FAIL), end its MLflow run
+        KILLED, and have _run stop its job if it is one of this process's."""
+        stalled = trial.user_attrs.get(trials.STALLED)
+        reason = str(trial.user_attrs.get("fail_reason") if stalled else
+                     f"interrupted: no heartbeat for {self.grace_period} s (its process died or stopped)")
+        if stalled and trial.system_attrs.get(trials.STALLS, 0) >= trials.STALL_RETRIES:
+            self._kill_run(trial.number, reason, status="FAILED")
+            log.error("trial %d made no progress, as it did twice before: it counts as failed", trial.number)
+        else:
+            trials.retry(study, trial, reason)  # fail_stale_trials runs under the store lock: queued once
+            self._kill_run(trial.number, reason)
+            log.warning("trial %d: %s; its parameters will run again", trial.number, reason)
+        self._found_stale.add(trial.number)
 
     def _check_failure_rate(self, study: optuna.Study, done: list[FrozenTrial]) -> None:
         failed = [t for t in done if t.state == TrialState.FAIL]
@@ -562,6 +762,13 @@ class _Impl(OptunaSweeperImpl):
         done = counted(study.trials)
         counts = {s.name: sum(t.state == s for t in done) for s in trials.FINISHED}
         counts["INTERRUPTED"] = len(trials.interrupted(study.trials))
+        if self._timed_out and len(done) < self.n_trials:
+            log.warning("hydra.sweeper.timeout=%g s has passed: no trial started after it; %d of %d trials done. Run "
+                        "the same command again to go on with study '%s'.", self.limits["timeout"], len(done),
+                        self.n_trials, study.study_name)
+            if not any(t.state == TrialState.COMPLETE for t in done):
+                parent.finish(None, self.config, failed=None)
+                return
         if not any(t.state == TrialState.COMPLETE for t in done):
             self._fail(study, f"none of its {len(done)} trials completed ({counts['FAIL']} failed, "
                               f"{counts['PRUNED']} pruned)")
@@ -597,3 +804,15 @@ def _override(key: str, value: str) -> str:
     the end, and `\\${` keeps OmegaConf from reading an interpolation."""
     escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'").replace("${", "\\${")
     return f"{key}='{escaped}'"
+
+
+def _parent_of(pid: int) -> int:
+    """The parent process of `pid` (0 if gone or unknown): the sweep only kills its own workers."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _worker_died(exc: BaseException | None) -> bool:
+    return exc is not None and type(exc).__name__ in WORKER_DIED

@@ -1,0 +1,160 @@
+"""A sweep's search space, checked before the study is touched: every value it can give (each choice and
+range point, both bounds of each interval) must make a config that a trial can train, in some
+combination with the other dimensions' values. A value that never can is refused in one line naming
+the key, the value and why (config.ConfigError); a combination that still fails at run time fails its
+own trial only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from resnet_sweep.config import ConfigError, validate
+
+MAX_POINTS = 20  # a stepped range with more points is checked at its two ends
+MAX_COMBINATIONS = 256  # combinations checked at most (a seeded sample of larger products)
+
+
+def candidates(distribution: BaseDistribution) -> list[Any]:
+    """The values of `distribution` that are checked: every choice or range point, or an interval's bounds."""
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    assert isinstance(distribution, (IntDistribution, FloatDistribution))
+    low, high, step = distribution.low, distribution.high, distribution.step
+    if step is not None and round((high - low) / step) + 1 <= MAX_POINTS:
+        points = [low + i * step for i in range(int(round((high - low) / step)) + 1)]
+        return [int(p) if isinstance(distribution, IntDistribution) else p for p in points]
+    return [low, high] if low != high else [low]
+
+
+def _reason(exc: BaseException) -> str:
+    """An error and its causes on one line, without OmegaConf's 'full_key' details or Hydra's search path."""
+    parts: list[str] = []
+    while exc is not None and len(parts) < 3:
+        lines = []
+        for line in str(exc).splitlines():
+            if line.strip().startswith(("full_key:", "object_type", "reference_type", "Config search path")):
+                break
+            lines.append(line.strip())
+        text = " ".join(x for x in lines if x).rstrip(".:")
+        if text and text not in parts:
+            parts.append(text)
+        exc = exc.__cause__  # type: ignore[assignment]
+    return ": ".join(parts) or "invalid"
+
+
+def check(space: dict[str, BaseDistribution], written: dict[str, str], fixed: list[str],
+          compose: Callable[[list[str]], DictConfig]) -> None:
+    """Raise ConfigError for the first value of `space` that no combination makes trainable.
+
+    `written` holds each key's sweep as the user wrote it; `fixed` the other overrides every trial gets;
+    `compose(overrides)` composes a trial's config, as the launcher will (Hydra's load_sweep_config).
+    Values of config groups (model=resnet20) and added keys (+x=...) are composed; other values are set
+    on a composed config, which is much faster, and composed where setting one fails (a list, say).
+    """
+    if not space:
+        return
+    names = list(space)
+    values = {name: candidates(d) for name, d in space.items()}
+    product = list(itertools.islice(itertools.product(*(values[n] for n in names)), 100_000))
+    if len(product) > MAX_COMBINATIONS:
+        product = random.Random(0).sample(product, MAX_COMBINATIONS)
+        # every value in a few combinations at least
+        for i, name in enumerate(names):
+            for value in values[name]:
+                product += [tuple(value if j == i else values[n][0] for j, n in enumerate(names))]
+    bases: dict[tuple, DictConfig | BaseException] = {}  # the composed config per choice of groups
+
+    def try_combination(combination: tuple) -> BaseException | None:
+        chosen = dict(zip(names, combination))
+        base_keys = tuple(n for n in names if _composed(n))
+        key = tuple(chosen[n] for n in base_keys)
+        if key not in bases:
+            try:
+                bases[key] = compose([f"{n}={chosen[n]}" for n in base_keys] + fixed)
+            except Exception as exc:  # noqa: BLE001 (Hydra's composition errors: the value at fault)
+                bases[key] = exc
+        base = bases[key]
+        if isinstance(base, BaseException):
+            return base
+        cfg = base.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            for name in names:
+                if not _composed(name):
+                    try:
+                        OmegaConf.update(cfg, name, chosen[name], merge=False)
+                    except OmegaConfBaseException:
+                        cfg = compose([f"{n}={chosen[n]}" for n in names] + fixed)
+                        with open_dict(cfg):
+                            del cfg["hydra"]
+                        break
+            validate(cfg)
+        except Exception as exc:  # noqa: BLE001 (ConfigError, or OmegaConf's and Hydra's own)
+            return exc
+        return None
+
+    outcomes = {combination: try_combination(combination) for combination in dict.fromkeys(product)}
+    refused = []
+    for i, name in enumerate(names):
+        for value in values[name]:
+            tried = [error for combination, error in outcomes.items() if combination[i] == value]
+            if tried and all(error is not None for error in tried):
+                refused.append((name, value, tried[0]))
+    if refused:  # where every combination fails, the value whose key the error names is at fault
+        name, value, error = next((r for r in refused if r[0].lstrip("+~") in _reason(r[2])), refused[0])
+        raise ConfigError(_refusal(name, value, written.get(name, repr(space[name])), space[name], error))
+
+
+def _composed(name: str) -> bool:
+    """A dimension that composition must handle: an added or deleted key, or a config group (no dot)."""
+    return name.startswith(("+", "~")) or "." not in name
+
+
+def _refusal(name: str, value: Any, written: str, distribution: BaseDistribution, error: BaseException) -> str:
+    if isinstance(distribution, CategoricalDistribution) or (distribution.step is not None and
+                                                             written.lstrip().startswith(("range", "choice"))):
+        what = f"{name}={written} gives {name}={value}"
+    else:
+        bound = "lower" if value == distribution.low else "upper"
+        what = f"{name}={written}: its {bound} bound {value}"
+    return (f"{what}, which no trial can train: {_reason(error)}. Change the search space so that every value it "
+            f"gives can train; nothing was created")
+
+
+def short(distribution_json: str) -> str:
+    """A distribution as the search-space syntax writes it, e.g. tag(log, interval(0.01, 0.1))."""
+    d = optuna.distributions.json_to_distribution(distribution_json)
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return f"choice({', '.join(map(str, d.choices))})"
+    text = f"interval({d.low}, {d.high})" if d.step is None else f"{d.low} to {d.high} by {d.step}"
+    return f"tag(log, {text})" if d.log else text
+
+
+def changes(old: dict[str, str], new: dict[str, str]) -> str:
+    """What differs between two search spaces, e.g. `optimizer.lr interval(0.01, 0.1) -> interval(0.5, 1.0)`."""
+    found = [f"{n} {short(old[n])} -> {short(new[n])}" for n in old if n in new and old[n] != new[n]]
+    found += [f"{n} added" for n in new if n not in old] + [f"{n} no longer swept" for n in old if n not in new]
+    return "; ".join(found)
+
+
+def compatible(old: str, new: str) -> bool:
+    try:
+        optuna.distributions.check_distribution_compatibility(optuna.distributions.json_to_distribution(old),
+                                                              optuna.distributions.json_to_distribution(new))
+        return True
+    except ValueError:
+        return False
+
+
+def describe(space: dict[str, str]) -> str:
+    """A recorded search space ({name: distribution JSON}) as the syntax writes it, one key after another."""
+    return " ".join(f"{name}={short(d)}" for name, d in space.items()) or "(none)"
