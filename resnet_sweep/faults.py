@@ -75,8 +75,7 @@ def classify(exc: BaseException) -> Fault | None:
 
 ADVICE = {
     "disk full": "free some space there",
-    "damaged store": "save what can be read with `sqlite3 FILE .dump | sqlite3 FILE.recovered` and move the "
-                     "recovered file into its place, restore a backup, or move the file away to start a new one",
+    "damaged store": "restore a backup, or move the file away to start a new one",
     "no file descriptors": "raise the limit (`ulimit -n`) or stop what holds them",
     "store locked": "stop the process that holds the database's lock",
     "store unreachable": "start the server, or check the network and the URL",

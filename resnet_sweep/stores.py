@@ -113,9 +113,16 @@ def check_store(url: str, key: str) -> None:
                          f"(chmod u+w), or point {key} elsewhere") from None
     if damaged:
         raise StoreError(f"{key}={url}: {path} is damaged ({' '.join(damaged.split())[:200]}); nothing was written "
-                         f"to it. Save what can be read with `sqlite3 {path} .dump | sqlite3 {path}.recovered` and "
-                         f"move {path}.recovered to {path} (where `sqlite3 {path}.recovered 'pragma quick_check'` says "
-                         f"ok), restore a backup, or move {path} away to start a new one")
+                         f"to it. Save what can be read with `{salvage(path)}` and move {path}.recovered to {path} "
+                         f"(where `sqlite3 {path}.recovered 'pragma quick_check'` says ok), restore a backup, or move "
+                         f"{path} away to start a new one")
+
+
+def salvage(path: Path | str) -> str:
+    """A shell command that copies what can still be read of a damaged SQLite database into PATH.recovered:
+    sqlite3's .dump, made to keep what it wrote before the damaged table (it ends in ROLLBACK there).
+    Not .recover: Debian's sqlite3 3.40 fails it ('SQL logic error')."""
+    return f"sqlite3 {path} .dump | sed 's/^ROLLBACK; -- due to errors$/COMMIT;/' | sqlite3 {path}.recovered"
 
 
 def errno_of(path: Path) -> int:

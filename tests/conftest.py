@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import optuna
 import pytest
+from mlflow import MlflowClient
 from resnet_sweep import presets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,3 +35,89 @@ def compose_config(*overrides: str):
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# Sweeps as the tests start, stop and read them back: real processes, the stores read through their clients.
+
+def study(workdir: Path) -> optuna.Study:
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    return optuna.load_study(study_name=summary.study_name, storage=storage)
+
+
+def all_runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+
+
+def job_runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
+    return [r for r in all_runs(workdir, experiment) if r.data.tags.get("role") != "sweep"]
+
+
+def parent_runs(workdir: Path, experiment: str = "resnet_sweep") -> list:
+    return [r for r in all_runs(workdir, experiment) if r.data.tags.get("role") == "sweep"]
+
+
+def counted(trials) -> list:  # noqa: ANN001
+    """Trials that finished on their own: interrupted ones were retried and do not count."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and t.number not in retried
+            and not t.user_attrs.get("interrupted")]
+
+
+def param_sets(trials) -> list:  # noqa: ANN001
+    return [tuple(sorted(t.params.items())) for t in trials]
+
+
+def session_processes(proc: subprocess.Popen) -> list[int]:
+    """The sweep's process and everything it started (its own session: start() uses start_new_session)."""
+    out = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists() and "zombie" not in _state(p)]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:", 1)[1].split("\n", 1)[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def wait_for_epochs(log: Path, marker: str, epochs: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the log shows `epochs` epoch lines after `marker`: mid-trial, mid-sweep."""
+    wait_for(log, marker, proc, timeout)
+    deadline = time.monotonic() + timeout
+    while log.read_text().split(marker, 1)[-1].count("epoch ") < epochs:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no {epochs} epochs after '{marker}' in {timeout} s"
+        time.sleep(0.1)
+
+
+def states(trials) -> dict[str, int]:  # noqa: ANN001
+    out: dict[str, int] = {}
+    for t in trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def start(workdir: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """`python -m resnet_sweep args` in the background, in its own session, its output in a log file."""
+    log = workdir / f"sweep-{time.monotonic_ns()}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    # SIGINT as a terminal's foreground job has it: a pytest started in the background (`pytest &` in a
+    # script) ignores SIGINT, and a child inherits that, so the Ctrl-C test's sweep would never see it
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_sweep", *args], cwd=workdir, env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return proc, log
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"no '{text}' in {timeout} s"
+        time.sleep(0.2)
