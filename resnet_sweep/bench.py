@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from resnet_sweep.config import DataConfig, DatasetName, TrainerConfig, to_typed
+from resnet_sweep.bench_sweep import cpu_name
 from resnet_sweep.data import Data, DataUnavailable, Split, load_arrays
 from resnet_sweep.diagnostics import GradientNorms
 from resnet_sweep.models import build_model, count_parameters
@@ -149,16 +149,6 @@ def framework_loop(model: nn.Module, data: Data, trainer: TrainerConfig, repeats
     client.set_terminated(run.run_id)
     whole = (repeats + 1) * len(data.train) / seconds
     return per_epoch[1:], whole
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -40,7 +41,6 @@ CASES = {
 
 def measure(overrides: list[str], workers: int) -> dict[str, float]:
     """One sweep in a fresh folder; its figures from MLflow."""
-    import optuna
     from mlflow import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,13 +60,9 @@ def measure(overrides: list[str], workers: int) -> dict[str, float]:
         overhead = [r.data.metrics["job_seconds"] - training[r.info.run_id] for r in trials
                     if "job_seconds" in r.data.metrics]
         parent_wall = (parent.info.end_time - parent.info.start_time) / 1000
-        # which worker process ran each trial: the trial's `job` attribute ("pid N on HOST")
-        storage = f"sqlite:///{Path(tmp) / 'optuna.db'}"
-        job = {t.number: t.user_attrs.get("job") for s in optuna.get_all_study_summaries(storage)
-               for t in optuna.load_study(study_name=s.study_name, storage=storage).trials}
-        by_worker: dict[str, list] = {}
+        by_worker: dict[str | None, list] = {}  # which worker process ran each trial (its run's process tags)
         for r in trials:
-            by_worker.setdefault(job.get(int(r.data.tags["optuna.trial"])), []).append(r)
+            by_worker.setdefault(r.data.tags.get("process.pid"), []).append(r)
         in_worker = []
         for worker, runs_of in by_worker.items():
             if worker is None:  # trials whose worker is unknown: no order to read
@@ -99,7 +95,6 @@ def startup(folder: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet_sweep.bench import cpu_name
     from resnet_sweep.workers import cores
 
     parser = argparse.ArgumentParser(prog="python -m resnet_sweep.bench --sweep", description=__doc__.split("\n")[0])
@@ -137,3 +132,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

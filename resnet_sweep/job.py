@@ -1,7 +1,9 @@
-"""One job: config -> validate -> build model and data -> fit -> record (MLflow) -> the objective.
+"""One job, top to bottom: the composed config -> validated -> model, data, optimizer built -> fit, with
+the epochs handed to two callbacks (recording to MLflow, reporting to the sweep's trial) -> the run's
+end -> the objective, returned to Hydra.
 
-The training side of `python -m resnet_sweep`, imported by the job when it starts (resnet_sweep/__main__.py),
-so that the sweeping process, which only asks, launches and waits, never imports torch.
+Imported when a job starts (resnet_sweep/__main__.py), so that a sweeping process, which only asks,
+launches and waits, never imports torch.
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -21,22 +24,28 @@ from omegaconf import DictConfig, open_dict
 from resnet_sweep import data as datasets
 from resnet_sweep import tracking
 from resnet_sweep.config import SCHEDULER_SETTINGS, Config, Metric, settings, validate
-from resnet_sweep.data import probe_batch
+from resnet_sweep.data import Data, probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.lesion import lesion_study
 from resnet_sweep.models import build_model, count_parameters, removable_blocks
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
-from resnet_sweep.trials import JobStopped, JobTrial, Pruned, TrialEnded
+from resnet_sweep.trials import JobStopped, JobTrial, TrialEnded
 from resnet_sweep.workers import Stalled, cores, install_sigterm_handler, job_in_progress, label_logs, slurm_job
 
 log = logging.getLogger("resnet_sweep")
-# A fault for tests only, off unless this variable is set: a job training with this seed SIGKILLs its own
-# process after its first epoch, as the kernel's out-of-memory killer would (tests/test_sweeps.py).
-FAULT_SIGKILL_SEED = "RESNET_SWEEP_TEST_SIGKILL_SEED"
+
+
+class Pruned(Exception):
+    """Raised in a job when its trial's pruner says stop, after `epoch` with objective `value`."""
+
+    def __init__(self, epoch: int, value: float) -> None:
+        super().__init__(f"pruned after epoch {epoch}")
+        self.epoch, self.value = epoch, value
 
 
 def run(cfg: DictConfig) -> float:
+    """The task function's body: a single run, or one trial of a sweep (which tells its trial the result)."""
     tracking.job_started()
     tracking.mask_passwords_in_logs()
     hc = HydraConfig.get()
@@ -53,9 +62,7 @@ def run(cfg: DictConfig) -> float:
     # a job in a sweep's worker process ends with the sweep, and then ends the dead sweep's parent run too
     with job_in_progress(lambda why: tracking.end_study_run(cfg, "KILLED", why) if sweeping else None):
         # the storage comes from the sweeper's own config, not an override, so its password stays out of records
-        trial = (JobTrial(conf.sweep.study, str(hc.sweeper.storage), conf.sweep.trial, hc.sweeper.get("pruner"),
-                          hc.sweeper.get("heartbeat_interval", 5), hc.sweeper.get("grace_period", 20),
-                          hc.sweeper.get("stall_timeout"), hc.sweeper.get("trial_timeout"))
+        trial = (JobTrial(conf.sweep.study, str(hc.sweeper.storage), conf.sweep.trial, hc.sweeper)
                  if sweeping and conf.sweep.trial is not None else None)
         if trial is not None and trial.ended:
             log.warning("trial %d has already ended (%s): this job (requeued, or started twice) trains nothing",
@@ -96,7 +103,7 @@ def train_seeds(cfg: DictConfig, conf: Config, trial: JobTrial | None, sweeping:
     """The configured training over the sweep's seed repeats; returns the objective (their mean)."""
     values, run_ids = [], []
     for repeat in range(conf.sweep.seeds):  # seed repeats: never a search dimension, averaged here
-        value, run_id, stopped = train_and_record(cfg, conf, conf.seed + repeat, trial, sweeping, reports=repeat == 0)
+        value, run_id, stopped = train_once(cfg, conf, conf.seed + repeat, trial, sweeping, reports=repeat == 0)
         values.append(value)
         run_ids.append(run_id)
         if stopped:
@@ -110,96 +117,76 @@ def train_seeds(cfg: DictConfig, conf: Config, trial: JobTrial | None, sweeping:
     return objective
 
 
-def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None, sweeping: bool,
-                     reports: bool = True) -> tuple[float, str | None, bool]:
-    """One training of the configured net with `seed`, recorded as one MLflow run:
-    (objective, run id, whether it stopped early: diverged in a sweep, or pruned).
+@dataclass
+class Built:
+    """What one training needs, built from the config."""
 
-    With `reports`, this training is the one whose epochs go to the trial (pruning) and whose run the
-    trial points to; further seed repeats only carry the trial's tags.
-    """
-    hc = HydraConfig.get()
-    if seed != conf.seed:  # the run's params must say which seed it trained with
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.seed = seed
+    model: torch.nn.Module
+    data: Data
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    gradients: GradientNorms | None
+    generator: torch.Generator
+    device: torch.device
+
+
+def build(conf: Config, seed: int) -> Built:
     generator = seed_everything(seed)
     device = resolve_device(conf.trainer.device)
     model = build_model(conf.model, conf.data.input_shape, conf.data.num_classes).to(device)
     if conf.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     data = datasets.load(conf.data, device)  # a missing dataset fails here, before any run is recorded
-    opt = build_optimizer(model.parameters(), conf.optimizer)
-    train_model = torch.compile(model) if conf.trainer.compile else model  # same parameters, compiled graph
-    scheduler = build_scheduler(opt, conf.scheduler, conf.trainer.epochs)
-    n_params = count_parameters(model)
+    optimizer = build_optimizer(model.parameters(), conf.optimizer)
     log.info("%s-%d (%s layout, %s, norm %s) on %s (%d train / %d val / %d test) on %s, %s parameters, seed %d",
              conf.model.family.name, conf.model.depth, conf.model.layout.name, conf.model.activation.name,
              conf.model.norm.name, conf.data.name.name, len(data.train), len(data.val), len(data.test), device,
-             f"{n_params:,}", seed)
-    gradients = GradientNorms(model) if conf.trainer.grad_norms else None
-    objective = conf.objective.name
-    trial_tags = {} if trial is None else {"optuna.study": conf.sweep.study, "optuna.trial": trial.number}
-    trial_tags.update(slurm_job())
+             f"{count_parameters(model):,}", seed)
+    return Built(model, data, optimizer, build_scheduler(optimizer, conf.scheduler, conf.trainer.epochs),
+                 GradientNorms(model) if conf.trainer.grad_norms else None, generator, device)
+
+
+def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None, sweeping: bool,
+               reports: bool = True) -> tuple[float, str | None, bool]:
+    """One training of the configured net with `seed`, recorded as one MLflow run: (objective, run id,
+    whether it stopped early: diverged in a sweep, or pruned). With `reports`, this training is the one
+    whose epochs go to the trial (pruning) and whose run the trial points to."""
+    if seed != conf.seed:  # the run's params must say which seed it trained with
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.seed = seed
+    built, job_dir = build(conf, seed), Path(HydraConfig.get().runtime.output_dir)
+    tags = {"seed": seed, **slurm_job(), **({} if trial is None else
+                                            {"optuna.study": conf.sweep.study, "optuna.trial": trial.number})}
     run_id = None
     try:
-        with tracking.job_run(cfg, {**trial_tags, "seed": seed}) as run:
+        with tracking.job_run(cfg, tags) as run:
             run_id = run.run_id if run is not None else None
             if trial is not None and reports:
-                trial.set(mlflow_run_id=run_id, job_dir=str(hc.runtime.output_dir))
-            if run is not None:
-                run.log_dataset(conf.data.name.name, len(data.train), len(data.val), len(data.test))
-                run.log_params({"model.num_parameters": n_params, "device": device,
-                                "torch.threads": torch.get_num_threads()})
-            if gradients is not None:
-                x, y = probe_batch(data.train, conf.trainer.grad_probe_size, conf.data.split_seed)
-                at_init = gradients.at_init(model, x, y)
-                log.info("gradient first/last layer ratio at init: %.3g", at_init[RATIO_KEY])
-                if run is not None:
-                    run.log_metrics(at_init, step=0)
-                    run.log_text("\n".join(gradients.names), "grad_layers.txt")
+                trial.set(mlflow_run_id=run_id, job_dir=str(job_dir))
+            record_start(run, conf, built)
+            callbacks = [c for c in (report_to(trial, conf) if reports else None, record_to(run)) if c]
 
             def on_epoch(metrics: dict[str, float], epoch: int) -> None:
-                # the trial first: should another process have ended it, nothing more is recorded (TrialEnded)
-                prune = (trial is not None and reports and objective in metrics
-                         and trial.should_prune(metrics[objective], epoch))
-                if run is not None:
-                    run.log_metrics(metrics, epoch, wait=False)  # written while the next epoch trains
-                if os.environ.get(FAULT_SIGKILL_SEED) == str(seed):
-                    os.kill(os.getpid(), signal.SIGKILL)
-                # after the last epoch there is nothing left to save: the trial completes
-                if prune and epoch < conf.trainer.epochs:
-                    raise Pruned(epoch, metrics[objective])
+                for callback in callbacks:
+                    callback(metrics, epoch)
 
-            best = Path(hc.runtime.output_dir) / "best.pt" if conf.trainer.save_best else None
+            best = job_dir / "best.pt" if conf.trainer.save_best else None
             try:
-                metrics = fit(train_model, data, opt, scheduler, conf.trainer, generator, augment=conf.data.augment,
+                metrics = fit(built.model if not conf.trainer.compile else torch.compile(built.model), built.data,
+                              built.optimizer, built.scheduler, conf.trainer, built.generator,
+                              augment=conf.data.augment, best_checkpoint=best, gradients=built.gradients,
                               monitor=settings(conf.scheduler, SCHEDULER_SETTINGS).get("monitor", Metric.val_loss).name,
-                              best_checkpoint=best, gradients=gradients,
-                              on_epoch=on_epoch, on_step=trial.step if trial is not None else None)
-            except Pruned as pruned:
-                # the run ends normally, tagged with where it stopped; the trial is told PRUNED
-                log.info("trial %d pruned after epoch %d (%s %.4g)", trial.number, pruned.epoch, objective, pruned.value)
+                              on_epoch=on_epoch,
+                              on_step=trial.step if trial is not None else None)
+            except Pruned as pruned:  # the run ends normally, tagged with where it stopped; the trial is PRUNED
+                log.info("trial %d pruned after epoch %d (%s %.4g)", trial.number, pruned.epoch, conf.objective.name,
+                         pruned.value)
                 if run is not None:
                     run.set_tags({"pruned_at_epoch": pruned.epoch})
                 trial.set(pruned_at_epoch=pruned.epoch)
                 return pruned.value, run_id, True
-            if run is not None:
-                run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
-                value = metrics[objective]
-                run.name_result(f"{100 * value:.1f}%" if objective.endswith("acc") else f"loss {value:.4g}")
-                if best is not None:
-                    run.log_artifact(best)
-            if conf.lesion.enabled:
-                lesions = lesion_study(model, data.test, conf.trainer.eval_batch_size, conf.lesion.draws,
-                                       conf.lesion.max_removed, seed)
-                single = list(lesions["lesion.single_acc"].values())
-                log.info("lesion: test acc %.2f%% intact; one block deleted: mean %.2f%%, worst %.2f%% (%d blocks)",
-                         100 * lesions["lesion.intact_acc"][0], 100 * sum(single) / max(len(single), 1),
-                         100 * min(single, default=float("nan")), len(single))
-                if run is not None:
-                    run.log_series(lesions)
-                    run.log_text("\n".join(removable_blocks(model)), "lesion_blocks.txt")
+            record_end(run, conf, built, metrics, best, seed)
     except NonFiniteLoss as exc:
         if not sweeping:
             raise
@@ -207,4 +194,61 @@ def train_and_record(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial |
         if trial is not None:
             trial.set(fail_reason=f"NonFiniteLoss: {exc}")
         return math.nan, run_id, True  # a NaN objective is told FAIL, and the sweep goes on
-    return metrics[objective], run_id, False
+    return metrics[conf.objective.name], run_id, False
+
+
+def record_start(run: tracking.JobRun | None, conf: Config, built: Built) -> None:
+    """The run's data, size and threads, and the per-layer gradient norms at initialisation."""
+    if run is not None:
+        data = built.data
+        run.log_dataset(conf.data.name.name, len(data.train), len(data.val), len(data.test))
+        run.log_params({"model.num_parameters": count_parameters(built.model), "device": built.device,
+                        "torch.threads": torch.get_num_threads()})
+    if built.gradients is not None:
+        x, y = probe_batch(built.data.train, conf.trainer.grad_probe_size, conf.data.split_seed)
+        at_init = built.gradients.at_init(built.model, x, y)
+        log.info("gradient first/last layer ratio at init: %.3g", at_init[RATIO_KEY])
+        if run is not None:
+            run.log_metrics(at_init, step=0)
+            run.log_text("\n".join(built.gradients.names), "grad_layers.txt")
+
+
+def report_to(trial: JobTrial | None, conf: Config) -> Callable[[dict[str, float], int], None] | None:
+    """The callback that reports each epoch's objective to the trial, first of the epoch's callbacks: it
+    raises Pruned when the pruner says so (after the last epoch there is nothing left to save), and
+    TrialEnded when another process has ended the trial, before anything more is recorded."""
+    if trial is None:
+        return None
+    objective = conf.objective.name
+
+    def report(metrics: dict[str, float], epoch: int) -> None:
+        if objective in metrics and trial.should_prune(metrics[objective], epoch) and epoch < conf.trainer.epochs:
+            raise Pruned(epoch, metrics[objective])
+
+    return report
+
+
+def record_to(run: tracking.JobRun | None) -> Callable[[dict[str, float], int], None] | None:
+    """The callback that records each epoch's metrics, written while the next epoch trains."""
+    return None if run is None else lambda metrics, epoch: run.log_metrics(metrics, epoch, wait=False)
+
+
+def record_end(run: tracking.JobRun | None, conf: Config, built: Built, metrics: dict[str, float],
+               best: Path | None, seed: int) -> None:
+    """The test metrics, the run's name with its result, the best checkpoint, and the lesion study."""
+    if run is not None:
+        run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
+        value = metrics[conf.objective.name]
+        run.name_result(f"{100 * value:.1f}%" if conf.objective.name.endswith("acc") else f"loss {value:.4g}")
+        if best is not None:
+            run.log_artifact(best)
+    if conf.lesion.enabled:
+        lesions = lesion_study(built.model, built.data.test, conf.trainer.eval_batch_size, conf.lesion.draws,
+                               conf.lesion.max_removed, seed)
+        single = list(lesions["lesion.single_acc"].values())
+        log.info("lesion: test acc %.2f%% intact; one block deleted: mean %.2f%%, worst %.2f%% (%d blocks)",
+                 100 * lesions["lesion.intact_acc"][0], 100 * sum(single) / max(len(single), 1),
+                 100 * min(single, default=float("nan")), len(single))
+        if run is not None:
+            run.log_series(lesions)
+            run.log_text("\n".join(removable_blocks(built.model)), "lesion_blocks.txt")

@@ -1,8 +1,9 @@
-"""A sweep's search space, checked before the study is touched: every value it can give (each choice and
-range point, both bounds of each interval) must make a config that a trial can train, in some
-combination with the other dimensions' values. A value that never can is refused in one line naming
-the key, the value and why (config.ConfigError); a combination that still fails at run time fails its
-own trial only.
+"""A sweep's search space: parsed from Hydra's sweep syntax (`choice`, `range`, `interval`, `tag(log, ...)`,
+`a,b`) into Optuna distributions, suggested through a trial's public suggest_* methods, and checked
+before the study is touched: every value it can give (each choice and range point, both bounds of each
+interval) must make a config that a trial can train, in some combination with the other dimensions'
+values. A value that never can is refused in one line naming the key, the value and why; a combination
+that still fails at run time fails its own trial only.
 """
 
 from __future__ import annotations
@@ -11,15 +12,71 @@ import itertools
 import random
 from typing import Any, Callable
 
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Transformer
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
-import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from resnet_sweep.config import ConfigError, validate
 
 MAX_POINTS = 20  # a stepped range with more points is checked at its two ends
 MAX_COMBINATIONS = 256  # combinations checked at most (a seeded sample of larger products)
+
+
+def parse(overrides: list[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
+    """(the swept keys' distributions, the other overrides as every trial gets them). A key given twice
+    takes its last value, so the command line overrides hydra.sweeper.params; ConfigError for a sweep
+    Optuna cannot take (a log interval from 0, an empty range)."""
+    space: dict[str, BaseDistribution] = {}
+    fixed: dict[str, str] = {}
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.get_key_element()
+        space.pop(key, None)
+        fixed.pop(key, None)
+        if not override.is_sweep_override():
+            fixed[key] = override.input_line or f"{key}={override.get_value_element_as_str()}"
+            continue
+        try:
+            space[key] = _distribution(override)
+        except ValueError as exc:
+            raise ConfigError(f"{override.input_line} cannot be swept: {exc} (e.g. a log interval starts above 0: "
+                              f"'optimizer.lr=tag(log,interval(1e-4,1))')") from None
+    return space, list(fixed.values())
+
+
+def _distribution(override: Any) -> BaseDistribution:
+    value = override.value()
+    if override.is_interval_sweep():
+        log = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log)
+        return FloatDistribution(value.start, value.end, log=log)
+    values = list(override.sweep_iterator(transformer=Transformer.encode))
+    if not values:
+        raise ValueError("it gives no value")
+    if (override.is_range_sweep() and not value.shuffle and all(type(v) is int for v in values)
+            and len(values) > 1 and len({b - a for a, b in zip(values, values[1:])}) == 1):
+        return IntDistribution(min(values), max(values), step=abs(values[1] - values[0]))
+    return CategoricalDistribution(values)
+
+
+def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    """The trial's value for `name`, through the public suggest_* method that `distribution`'s kind has."""
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    suggest_kind = trial.suggest_int if isinstance(distribution, IntDistribution) else trial.suggest_float
+    return suggest_kind(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+
+
+def grid(distribution: BaseDistribution) -> list[Any]:
+    """Every value of a discrete distribution, for the grid sampler."""
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return list(range(distribution.low, distribution.high + 1, distribution.step))
+    raise ConfigError(f"a grid sweeps choices and ranges, not {short(distribution)}: use choice(...) or range(...)")
 
 
 def candidates(distribution: BaseDistribution) -> list[Any]:
@@ -130,9 +187,9 @@ def _refusal(name: str, value: Any, written: str, distribution: BaseDistribution
             f"gives can train; nothing was created")
 
 
-def short(distribution_json: str) -> str:
-    """A distribution as the search-space syntax writes it, e.g. tag(log, interval(0.01, 0.1))."""
-    d = optuna.distributions.json_to_distribution(distribution_json)
+def short(distribution: BaseDistribution | str) -> str:
+    """A distribution (or its JSON) as the search-space syntax writes it, e.g. tag(log, interval(0.01, 0.1))."""
+    d = optuna.distributions.json_to_distribution(distribution) if isinstance(distribution, str) else distribution
     if isinstance(d, optuna.distributions.CategoricalDistribution):
         return f"choice({', '.join(map(str, d.choices))})"
     text = f"interval({d.low}, {d.high})" if d.step is None else f"{d.low} to {d.high} by {d.step}"

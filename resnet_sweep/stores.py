@@ -43,6 +43,17 @@ def wait_for_sqlite_locks() -> None:
     _waiting_for_locks.append(True)
 
 
+def is_database(url: str) -> bool:
+    """A database URL (SQLAlchemy's: sqlite:///FILE, postgresql://...), not a journal file or a folder."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return bool(make_url(url).get_backend_name())
+    except ArgumentError:
+        return False
+
+
 def sqlite_file(url: str) -> Path | None:
     """The file of an SQLite database URL; None for other stores (and in-memory SQLite)."""
     from sqlalchemy.engine import make_url

@@ -194,8 +194,10 @@ class StudyRun:
             JobRun(self.client, run.info.run_id).set_tags({"failure_reason": reason})
             self.client.set_terminated(run.info.run_id, status)
 
-    def finish(self, results: dict[str, Any] | None, config: DictConfig, results_file: str | None = None,
+    def finish(self, results: dict[str, Any] | None, results_file: Path | None = None,
                failed: str | None = None) -> None:
+        """Record how the study stands (the results file, the best trial, the counts, or why it failed);
+        `end` ends the run after."""
         if self.client is None:
             return
         job = JobRun(self.client, self.run_id)
@@ -210,19 +212,15 @@ class StudyRun:
                             step=sum(results["trials"].values()))
         if failed:
             job.set_tags({"failure_reason": failed})
-        if config.get("report") and not failed:
-            from resnet_sweep import report  # only sweeps that ask for a report pay for matplotlib
 
-            report.write_report(config.tracking.uri, sweep_run_id=self.run_id)
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
-
-    def end(self, status: str, reason: str) -> None:
-        """The sweep stopped early (KILLED: interrupted; FAILED: an error): say so on the parent run, which
-        a rerun of the study reopens."""
+    def end(self, status: str, reason: str | None = None) -> None:
+        """End the run `status` (FINISHED; KILLED: interrupted; FAILED: an error), with `reason`; a rerun of
+        the study reopens it."""
         if self.client is None:
             return
         try:
-            JobRun(self.client, self.run_id).set_tags({"failure_reason": reason})
+            if reason:
+                JobRun(self.client, self.run_id).set_tags({"failure_reason": reason})
             self.client.set_terminated(self.run_id, status)
         except Exception as exc:  # noqa: BLE001 (the store may be the cause; the original error matters more)
             log.warning("could not mark MLflow study run %s %s: %s", self.run_id, status, exc)

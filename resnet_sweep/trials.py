@@ -1,11 +1,13 @@
-"""Optuna trials as a sweep and its jobs share them, across any number of processes: the storage,
-interrupted trials retried, and a job's handle on its own trial (heartbeat, pruning, result).
+"""A study's trials as the sweeping process and its jobs share them, across any number of processes:
+the rules of what counts, interrupted trials queued again, heartbeats, and a job's handle on its trial.
 
 Who writes what: the sweeping process asks trials and launches jobs; each job tells its own trial's
 result (so a result survives whatever happens to the process that launched it). A trial stopped from
-outside (kill, SIGTERM, Ctrl-C, a lost heartbeat) is *interrupted*: FAIL with the reason, and a WAITING
-copy with the same parameters is queued (queue_retries), which the next `ask()` of any process of the
-study takes. An interrupted trial stays visible but does not count towards n_trials (see `counted`).
+outside (kill, SIGTERM, Ctrl-C, a lost heartbeat, a stall, a fault of the environment) is *interrupted*:
+FAIL with the reason, and a WAITING copy with its parameters is queued, which the next `ask()` of any
+process takes. An interrupted trial stays visible but does not count towards n_trials (`counted`).
+Only Optuna's public API: its RDB storage (heartbeats, user attrs, intermediate values by trial id),
+`study.tell(..., skip_if_finished=True)`, `add_trial`, a pruner's `prune`.
 """
 
 from __future__ import annotations
@@ -28,42 +30,46 @@ from resnet_sweep.stores import create_whole, wait_for_sqlite_locks
 from resnet_sweep.workers import Stalled, Terminated, interrupt_main, slurm_job_id, uninterrupted
 
 log = logging.getLogger(__name__)
-
 # Optuna marks storage heartbeats experimental and meant for study.optimize; we beat ourselves.
 warnings.filterwarnings("ignore", message=r".*heartbeat", category=optuna.exceptions.ExperimentalWarning)
 warnings.filterwarnings("ignore", message=r"Heartbeat of storage is supposed to be used with Study.optimize")
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-# system attrs of a retry, named as Optuna's RetryHeartbeatStaleTrialCallback names them, so its
+# system attrs of a retry, named as Optuna's RetryFailedTrialCallback names them, so that its
 # retried_trial_number() and retry_history() read our retries too
 RETRY_OF, RETRY_HISTORY = "failed_trial", "retry_history"
-WORKER_DEATHS = "worker_died"  # a trial whose worker process died beside another, and its retry (see sweeper)
-INTERRUPTED = "interrupted"  # user attr of a trial stopped from outside: FAIL, retried, not counted
-JOB = "job"  # user attr: the job that trains the trial (a SLURM job id, or a process) has started and beats itself
-PROCESS = "job_process"  # user attr: where that job runs, {"host", "pid", "slurm"}, so a sweep can stop it
-ENVIRONMENT = "environment"  # user attr of a trial interrupted by a fault of the environment (faults.py)
-STALLED = "stalled"  # user attr: the job made no progress for its stall limit (set by its watchdog)
+WORKER_DEATHS = "worker_died"  # a trial whose worker process died beside another's; its retry runs alone
 STALLS = "stalls"  # system attr of a retry: how often these parameters stalled before
+INTERRUPTED = "interrupted"  # user attr of a trial stopped from outside: FAIL, retried, not counted
+JOB = "job"  # user attr: the job that trains the trial has started and beats for it itself
+PROCESS = "job_process"  # user attr: where that job runs, {"host", "pid", "slurm"}, so a sweep can stop it
+ENVIRONMENT = "environment"  # user attr: the fault of the environment (faults.Fault) that interrupted it
+STALLED = "stalled"  # user attr: the job made no progress for its stall limit (set by its watchdog)
 STALL_RETRIES = 2  # parameters that stalled this often before count as FAIL when they stall again
-# Liveness is progress (a training step), not a thread: a job that makes none for this long stops beating
-# and is stopped. Adaptive unless hydra.sweeper.stall_timeout says otherwise: STALL_FACTOR times the
-# slowest gap between two steps so far (an epoch's end and its validation included), never under
-# STALL_FLOOR, which is above MLflow's own retries of an unreachable server (~4 min), so that a store
-# outage is told as such; before the first step (data, model, compile) STARTUP_STALL.
+# Liveness is progress (a training step), not a thread: a job that makes none for its stall limit stops
+# beating and is stopped. Adaptive unless hydra.sweeper.stall_timeout says otherwise: STALL_FACTOR times
+# the slowest gap between two steps so far (an epoch's end and its validation included), never under
+# STALL_FLOOR, which is above MLflow's own ~4 minutes of retries of a server that does not answer (so that
+# a store outage is told as such); before the first step (data, model, compile), STARTUP_STALL.
 STALL_FACTOR, STALL_FLOOR, STARTUP_STALL = 20.0, 300.0, 600.0
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int,
-                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> Any:
+                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage for `url`, with heartbeats (a RUNNING trial silent for grace_period seconds is
     stale) and, for SQLite, a busy timeout so parallel workers wait for each other instead of failing.
-    The first opening creates Optuna's schema: do that under stores.store_lock (two processes at once collide)."""
-    if not isinstance(url, str) or url.startswith("journal"):
-        return url
+    The first opening creates Optuna's schema: do that under stores.store_lock (two processes collide)."""
     wait_for_sqlite_locks()
     create_whole(url, lambda partial: optuna.storages.RDBStorage(partial).engine.dispose())
-    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval,
-                                      grace_period=grace_period, heartbeat_stale_trial_callback=on_stale)
+    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                      heartbeat_stale_trial_callback=on_stale)
+
+
+def make_pruner(config: Any) -> optuna.pruners.BasePruner:
+    """The pruner that hydra.sweeper.pruner configures (conf/pruner/), none by default."""
+    from hydra.utils import instantiate
+
+    return instantiate(config, _execution_whitelist_=("optuna.pruners.*",)) if config else optuna.pruners.NopPruner()
 
 
 def retried(trials: list[FrozenTrial]) -> set[int]:
@@ -83,68 +89,72 @@ def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if t.state in FINISHED and t.number not in stopped]
 
 
-def retry(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
-    """Queue a WAITING copy of an interrupted trial: same parameters and sampler attributes (a grid cell
-    keeps its grid_id), its own user attrs. Optuna's RetryHeartbeatStaleTrialCallback would also copy the
-    user attrs (the old MLflow run id, the failure reason), which belong to the interrupted trial only."""
-    attrs = {**trial.system_attrs, RETRY_OF: trial.system_attrs.get(RETRY_OF, trial.number),
-             RETRY_HISTORY: [*trial.system_attrs.get(RETRY_HISTORY, []), trial.number]}
-    if trial.user_attrs.get(WORKER_DEATHS):
-        attrs[WORKER_DEATHS] = True
-    if trial.user_attrs.get(STALLED):
-        attrs[STALLS] = trial.system_attrs.get(STALLS, 0) + 1
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, system_attrs=attrs,
-        user_attrs={"retry_of": trial.number, "retry_reason": reason[:2000]}))
+class Records:
+    """One study's trials, read and written by trial number through its storage. Its study object settles
+    trials and never samples (so a grid sampler's end of grid stays out of it)."""
 
+    def __init__(self, storage: optuna.storages.RDBStorage, study_name: str, pruner: Any = None) -> None:
+        self.storage = storage
+        self.study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner,
+                                       sampler=optuna.samplers.RandomSampler())
+        self.study_id = storage.get_study_id_from_name(study_name)
 
-def queue_retries(study: optuna.Study) -> None:
-    """Queue a retry of every interrupted trial that has none yet. Run under the study's store lock (two
-    processes at once would queue two): the process that stops a trial only marks it, since it may die
-    the next moment (joblib SIGKILLs its workers when the sweep is interrupted)."""
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    for number in sorted(interrupted(list(trials.values())) - retried(list(trials.values()))):
-        retry(study, trials[number], str(trials[number].user_attrs.get("fail_reason", "interrupted")))
+    def trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
+    def find(self, number: int) -> FrozenTrial:
+        return self.storage.get_trial(self.trial_id(number))
 
-def end(study: optuna.Study, number: int, state: TrialState, values: list[float] | None = None,
-        reason: str | None = None, interrupted: bool = False, **attrs: Any) -> bool:
-    """Finish trial `number` unless another process did first; True if this call finished it. `reason`
-    and `attrs` become user attrs first. An interrupted trial is FAIL, marked so; queue_retries then
-    queues its parameters again."""
-    frozen = find(study, number)
-    if frozen.state != TrialState.RUNNING:
-        return False
-    storage = study._storage  # noqa: SLF001 (user attrs by trial id; a Trial object would run the sampler)
-    try:
-        for key, value in {**({"fail_reason": reason[:5000]} if reason else {}),
-                           **({INTERRUPTED: True} if interrupted else {}), **attrs}.items():
-            storage.set_trial_user_attr(frozen._trial_id, key, value)  # noqa: SLF001
-        if not storage.set_trial_state_values(frozen._trial_id, state, values):  # noqa: SLF001
+    def set(self, number: int, **attrs: Any) -> None:
+        for key, value in attrs.items():
+            self.storage.set_trial_user_attr(self.trial_id(number), key, value)
+
+    def end(self, number: int, state: TrialState, values: list[float] | None = None, reason: str | None = None,
+            interrupted: bool = False, **attrs: Any) -> bool:
+        """Finish trial `number` unless another process did first; True if this call finished it. `reason`
+        and `attrs` become user attrs first; an interrupted trial is FAIL, marked so (queue_retries)."""
+        if self.find(number).state != TrialState.RUNNING:
             return False
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False  # another process (the job, the sweeper, a stale check) finished it first
-    if not interrupted:
-        # what study.tell does after storing the state: the sampler's bookkeeping (e.g. the grid's end)
         try:
-            study.sampler.after_trial(study, find(study, number), state, values)
-        except RuntimeError as exc:  # GridSampler's study.stop() only works inside optimize()
-            if "Study.stop" not in str(exc):
-                raise
-    return True
+            self.set(number, **({"fail_reason": reason[:5000]} if reason else {}),
+                     **({INTERRUPTED: True} if interrupted else {}), **attrs)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False  # another process (the job, the sweeper, a stale check) finished it first
+        self.study.tell(number, state=state, values=values, skip_if_finished=True)
+        return True
 
+    def settle(self, number: int, value: Any, reason: str | None = None) -> None:
+        """A job's objective as its trial's result: a non-finite one is never a result (NaN would be a
+        trial's value, inf the best one), it FAILs the trial."""
+        if value is None or not math.isfinite(float(value)):
+            self.end(number, TrialState.FAIL, reason=reason or f"objective was {value}")
+        else:
+            self.end(number, TrialState.COMPLETE, [float(value)])
 
-def find(study: optuna.Study, number: int) -> FrozenTrial:
-    storage = study._storage  # noqa: SLF001 (Optuna has no public number -> trial lookup)
-    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study._study_id, number))  # noqa: SLF001
+    def retry(self, trial: FrozenTrial, reason: str) -> None:
+        """Queue a WAITING copy of an interrupted trial: same parameters and sampler attributes (a grid cell
+        keeps its grid_id), its own user attrs (RetryFailedTrialCallback would copy the interrupted trial's
+        run id and reason, which are that trial's only)."""
+        attrs = {**trial.system_attrs, RETRY_OF: trial.system_attrs.get(RETRY_OF, trial.number),
+                 RETRY_HISTORY: [*trial.system_attrs.get(RETRY_HISTORY, []), trial.number]}
+        attrs.update({WORKER_DEATHS: True} if trial.user_attrs.get(WORKER_DEATHS) else {})
+        attrs.update({STALLS: trial.system_attrs.get(STALLS, 0) + 1} if trial.user_attrs.get(STALLED) else {})
+        self.study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions, system_attrs=attrs,
+            user_attrs={"retry_of": trial.number, "retry_reason": reason[:2000]}))
+
+    def queue_retries(self) -> None:
+        """Queue a retry of every interrupted trial that has none. Under the study's store lock (two processes
+        would queue two): the process that stops a trial only marks it, since it may die the next moment."""
+        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for number in sorted(interrupted(list(trials.values())) - retried(list(trials.values()))):
+            self.retry(trials[number], str(trials[number].user_attrs.get("fail_reason", "interrupted")))
 
 
 def beat(storage: Any, trial_ids: Callable[[], list[int]], interval: float,
          alive: Callable[[], bool] = lambda: True) -> Callable[[], None]:
-    """Record a heartbeat for trial_ids() every `interval` s in a thread, while alive(), so other processes
-    of the study see those trials live; returns the function that stops it."""
-    if not isinstance(storage, optuna.storages.RDBStorage):
-        return lambda: None
+    """Record a heartbeat for trial_ids() every `interval` s in a thread while alive(), so other processes
+    see those trials live; returns the function that stops it."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -152,7 +162,7 @@ def beat(storage: Any, trial_ids: Callable[[], list[int]], interval: float,
             for trial_id in trial_ids() if alive() else []:
                 try:
                     storage.record_heartbeat(trial_id)
-                except Exception:  # a missed beat is harmless; the next one comes in `interval`
+                except Exception:  # noqa: BLE001 (a missed beat is harmless; the next one comes in `interval`)
                     pass
             if stop.wait(interval):
                 return
@@ -167,17 +177,9 @@ def beat(storage: Any, trial_ids: Callable[[], list[int]], interval: float,
     return halt
 
 
-class Pruned(Exception):
-    """Raised in a job when its trial's pruner says stop, after `epoch` with objective `value`."""
-
-    def __init__(self, epoch: int, value: float) -> None:
-        super().__init__(f"pruned after epoch {epoch}")
-        self.epoch, self.value = epoch, value
-
-
 class TrialEnded(Terminated):
-    """The job's trial was ended by another process (found stale, say) while the job went on: the job stops
-    and records nothing over what that process recorded."""
+    """The job's trial was ended by another process (found stale) while the job went on: the job stops and
+    records nothing over what that process recorded."""
 
 
 class TrialTimeout(Exception):
@@ -190,45 +192,31 @@ class JobStopped(Exception):
 
 
 @functools.lru_cache(maxsize=4)
-def _job_storage(url: str, heartbeat_interval: int, grace_period: int) -> Any:
-    """One storage per worker process and study store: a reused worker opens (and checks the schema of)
-    the database once, not once per trial."""
-    return open_storage(url, heartbeat_interval, grace_period)
+def _job_records(url: str, study: str, heartbeat_interval: int, grace_period: int) -> Records:
+    """One storage per worker process and study: a reused worker opens (and checks) the database once."""
+    return Records(open_storage(url, heartbeat_interval, grace_period), study)
 
 
 class JobTrial:
-    """A job's handle on its own Optuna trial (the job runs apart from the sweeper, maybe in a worker
-    process or on another machine): heartbeat while it makes progress, epochs reported for pruning, run
-    ids left for the sweeper, and the result told by the job itself."""
+    """A job's handle on its own trial (the job runs apart from the sweeper, maybe in a worker process or on
+    another machine): heartbeat while it makes progress, epochs reported for pruning, run ids left for
+    the sweeper, and the result told by the job itself."""
 
-    def __init__(self, study: str, storage: str, number: int, pruner: Any = None, heartbeat_interval: int = 5,
-                 grace_period: int = 20, stall_timeout: float | None = None,
-                 trial_timeout: float | None = None) -> None:
-        from hydra.utils import instantiate
-
-        pruner_obj = (instantiate(pruner, _execution_whitelist_=("optuna.pruners.*",)) if pruner
-                      else optuna.pruners.NopPruner())
-        self.storage = _job_storage(storage, heartbeat_interval, grace_period)
-        # a job never samples: the study's own sampler lives in the sweeping process
-        self.study = optuna.load_study(study_name=study, storage=self.storage, pruner=pruner_obj,
-                                       sampler=optuna.samplers.RandomSampler())
-        frozen = find(self.study, number)
-        self.trial = optuna.trial.Trial(self.study, frozen._trial_id)  # noqa: SLF001 (no public number->id)
-        self.number, self.stalls = number, frozen.system_attrs.get(STALLS, 0)
-        self.attrs: dict[str, Any] = {}
-        # without a pruner, should_prune is always False: not asking it saves a read of the trial per epoch
-        self.prunes = not isinstance(pruner_obj, optuna.pruners.NopPruner)
-        # a job started for a trial that has ended (e.g. SLURM requeued a job whose trial was interrupted and
-        # retried as another one) has nothing to do
+    def __init__(self, study: str, storage: str, number: int, sweeper: Any) -> None:
+        self.records = _job_records(storage, study, sweeper.get("heartbeat_interval", 5), sweeper.get("grace_period", 20))
+        self.pruner, self.number = make_pruner(sweeper.get("pruner")), number
+        frozen = self.records.find(number)
+        self.trial_id, self.stalls, self.attrs = self.records.trial_id(number), frozen.system_attrs.get(STALLS, 0), {}
+        # a job started for a trial that has ended (e.g. SLURM started again a job whose trial was retried as
+        # another one) has nothing to do
         self.ended = (None if frozen.state == TrialState.RUNNING else
                       f"{frozen.state.name}, {frozen.user_attrs.get('fail_reason', 'its result told')}")
-        self.stall_timeout, self.trial_timeout = stall_timeout, trial_timeout
+        self.stall_timeout, self.trial_timeout = sweeper.get("stall_timeout"), sweeper.get("trial_timeout")
         self._started = self._last_step = time.monotonic()
-        self._slowest = 0.0  # the longest gap between two steps so far
-        self._stepped, self._stalled = False, ""
+        self._slowest, self._stepped, self._stalled = 0.0, False, ""
         self._stop_beat: Callable[[], None] = lambda: None
         if self.ended is None:
-            self._stop_beat = beat(self.storage, lambda: [frozen._trial_id], heartbeat_interval,  # noqa: SLF001
+            self._stop_beat = beat(self.records.storage, lambda: [self.trial_id], sweeper.get("heartbeat_interval", 5),
                                    alive=self._progressing)
             slurm = slurm_job_id()
             self.set(**{JOB: f"SLURM job {slurm}" if slurm else f"pid {os.getpid()} on {socket.gethostname()}",
@@ -243,25 +231,19 @@ class JobTrial:
         if self.trial_timeout and now - self._started > self.trial_timeout:
             raise TrialTimeout(f"the trial ran longer than hydra.sweeper.trial_timeout={self.trial_timeout:g} s")
 
-    def stall_limit(self) -> float:
-        if self.stall_timeout:
-            return float(self.stall_timeout)
-        return max(STALL_FLOOR, STALL_FACTOR * self._slowest) if self._stepped else STARTUP_STALL
-
     def _progressing(self) -> bool:
-        """In the heartbeat thread: whether to beat. A job silent for its stall limit beats no more (so any
-        sweep of the study finds its trial stale), marks its trial stalled and is stopped (Stalled raised in
-        its main thread, which interrupts the trial: a blocking call returns to Python when signalled)."""
-        if self._stalled:
-            return False
+        """In the heartbeat thread: whether to beat. A job silent for its stall limit beats no more (any sweep
+        of the study then finds its trial stale), marks its trial stalled and is stopped: Stalled is raised
+        in its main thread (a blocking system call returns to Python when signalled)."""
+        limit = float(self.stall_timeout or (max(STALL_FLOOR, STALL_FACTOR * self._slowest) if self._stepped
+                                             else STARTUP_STALL))
         idle = time.monotonic() - self._last_step
-        if idle <= self.stall_limit():
-            return True
-        self._stalled = f"no training step for {idle:.0f} s (its stall limit: {self.stall_limit():.0f} s)"
+        if self._stalled or idle <= limit:
+            return not self._stalled
+        self._stalled = f"no training step for {idle:.0f} s (its stall limit: {limit:.0f} s)"
         log.error("trial %d: %s; stopping it", self.number, self._stalled)
         try:
-            for key, value in {STALLED: True, "fail_reason": f"interrupted: {self._stalled}"}.items():
-                self.storage.set_trial_user_attr(self.trial._trial_id, key, value)  # noqa: SLF001
+            self.records.set(self.number, **{STALLED: True, "fail_reason": f"interrupted: {self._stalled}"})
         except Exception:  # noqa: BLE001 (the store may be why it stalled; its silence says enough)
             pass
         interrupt_main(Stalled(self._stalled))
@@ -270,51 +252,46 @@ class JobTrial:
     def set(self, **attrs: Any) -> None:
         self.attrs.update(attrs)
         with uninterrupted():
-            for key, value in attrs.items():
-                self.trial.set_user_attr(key, value)
+            self.records.set(self.number, **attrs)
 
     def should_prune(self, value: float, epoch: int) -> bool:
         """Report the epoch's objective (TrialEnded if another process has ended the trial meanwhile)."""
         with uninterrupted():
             try:
-                self.trial.report(value, epoch)
+                self.records.storage.set_trial_intermediate_value(self.trial_id, epoch, float(value))
             except optuna.exceptions.UpdateFinishedTrialError:
                 raise TrialEnded(f"trial {self.number} was ended by another process "
-                                 f"({find(self.study, self.number).user_attrs.get('fail_reason', 'finished')})")
-            return self.prunes and self.trial.should_prune()
+                                 f"({self.records.find(self.number).user_attrs.get('fail_reason', 'finished')})")
+            return (not isinstance(self.pruner, optuna.pruners.NopPruner)  # a NopPruner saves a read per epoch
+                    and self.pruner.prune(self.records.study, self.records.find(self.number)))
 
     def finish(self, value: float) -> None:
-        """Tell the trial's result: PRUNED if the pruner stopped it, FAIL for a non-finite objective (never a
-        result: NaN would be a trial's value, inf the best one), else COMPLETE."""
+        """Tell the trial's result: PRUNED (valued by the last report) if the pruner stopped it, else as
+        Records.settle has it."""
         with uninterrupted():
-            if "pruned_at_epoch" in self.attrs:  # valued, as study.tell values it: the last reported objective
-                end(self.study, self.number, TrialState.PRUNED, [float(value)] if math.isfinite(float(value)) else None)
-            elif value is None or not math.isfinite(float(value)):
-                end(self.study, self.number, TrialState.FAIL,
-                    reason=self.attrs.get("fail_reason") or f"objective was {value}")
+            if "pruned_at_epoch" in self.attrs:
+                self.records.end(self.number, TrialState.PRUNED)
             else:
-                end(self.study, self.number, TrialState.COMPLETE, [float(value)])
+                self.records.settle(self.number, value, self.attrs.get("fail_reason"))
 
     def fail(self, exc: BaseException) -> None:
         """The job raised: its own failure (FAIL, counted), an interruption from outside or a stall (retried),
         or a fault of the environment (retried, and the sweep stops: faults.py)."""
-        reason = f"{type(exc).__name__}: {exc}"
-        fault = faults.classify(exc)
         if isinstance(exc, TrialEnded):
             return
-        if isinstance(exc, Stalled) and self.stalls >= STALL_RETRIES:  # these parameters stall: count it
+        reason, fault = f"{type(exc).__name__}: {exc}", faults.classify(exc)
+        if isinstance(exc, Stalled) and self.stalls >= STALL_RETRIES:  # these parameters stall: it counts
             args: dict[str, Any] = {"reason": f"{exc}; these parameters stalled {self.stalls + 1} times"}
         elif isinstance(exc, (Terminated, KeyboardInterrupt)):
             args = {"reason": f"interrupted: {reason}", "interrupted": True}
         elif fault is not None:
-            args = {"reason": f"interrupted: {fault.kind}: {reason}", "interrupted": True,
-                    ENVIRONMENT: fault.__dict__}
+            args = {"reason": f"interrupted: {fault.kind}: {reason}", "interrupted": True, ENVIRONMENT: vars(fault)}
         else:
             args = {"reason": self.attrs.get("fail_reason") or reason}
         try:
             with uninterrupted():
-                end(self.study, self.number, TrialState.FAIL, **args)
-        except Exception as error:  # noqa: BLE001 (e.g. the disk is full: the sweep finds the trial silent)
+                self.records.end(self.number, TrialState.FAIL, **args)
+        except Exception as error:  # noqa: BLE001 (e.g. the disk is full: a sweep finds the trial silent)
             log.error("trial %d: its end could not be recorded (%s: %s); a sweep of the study finds it silent and "
                       "retries it", self.number, type(error).__name__, error)
 

@@ -9,7 +9,6 @@ are not watched: they outlive the process that submitted them by design.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -158,32 +157,6 @@ def watch_sweeper() -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="watch-sweeper").start()
-
-
-def warm_up() -> int:
-    """In a fresh launcher worker, before its first job: import what every job needs (torch, torch._dynamo,
-    which the first optimizer imports, MLflow's SQL store, Optuna, scikit-learn's datasets, Hydra's plugins:
-    ~6 s on a 2-core machine), so that the first trial starts training at once. Returns this worker's pid.
-
-    Then freezes what those imports made (gc.freeze: ~600,000 objects the garbage collector no longer
-    scans). Why: without psutil, loky calls gc.collect() after every task that ends a second or more after
-    the last, and a full collection over them took 0.3-0.37 s here: that much idle time per trial."""
-    import alembic.command  # noqa: F401 (MLflow's schema check, when a job first opens the store)
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import optuna.storages._rdb.models  # noqa: F401
-    import sklearn.datasets  # noqa: F401 (the default data, digits)
-    import sklearn.model_selection  # noqa: F401 (its split)
-    import sqlalchemy.dialects.sqlite  # noqa: F401
-    import torch._dynamo  # noqa: F401
-    from hydra.core.plugins import Plugins
-
-    import resnet_sweep.job  # noqa: F401
-
-    Plugins.instance()  # Hydra finds (imports) its plugins, else in the first job: ~0.1 s with the imports above
-
-    gc.collect()
-    gc.freeze()
-    return os.getpid()
 
 
 def cores() -> int:

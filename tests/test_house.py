@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
-from importlib import metadata
 
 import pytest
 
@@ -36,27 +35,46 @@ def test_models_do_not_import_config() -> None:
     assert "resnet_sweep.config" not in inspect.getsource(models)
 
 
-def test_the_optuna_plugin_still_offers_the_private_api_our_sweeper_uses() -> None:
-    """resnet_sweep/sweeper.py subclasses hydra_plugins.hydra_optuna_sweeper._impl.OptunaSweeperImpl; if a
-    release moves what it uses, this names the break (pyproject caps the plugin below 1.5 for this reason)."""
-    from hydra_plugins.hydra_optuna_sweeper import _impl
+def test_the_private_names_the_sweep_still_needs_exist() -> None:
+    """resnet_sweep/launchers.py lists in PRIVATE the private names of hydra-joblib-launcher and loky it uses
+    (everything else is public API); if an upgrade moves one, this names the break."""
+    import importlib
 
-    version = metadata.version("hydra-optuna-sweeper")
-    impl = _impl.OptunaSweeperImpl
-    for name in ("setup", "_get_directions", "_configure_trials", "_parse_sweeper_params_config",
-                 "_process_searchspace_config", "_to_grid_sampler_choices"):
-        assert callable(getattr(impl, name, None)), f"hydra-optuna-sweeper {version}: OptunaSweeperImpl.{name} is gone"
-    assert callable(getattr(_impl, "create_params_from_overrides", None)), \
-        f"hydra-optuna-sweeper {version}: _impl.create_params_from_overrides is gone"
-    params = list(inspect.signature(impl.__init__).parameters)
-    assert params == ["self", "sampler", "direction", "storage", "study_name", "n_trials", "n_jobs",
-                      "max_failure_rate", "custom_search_space", "params"], \
-        f"hydra-optuna-sweeper {version}: OptunaSweeperImpl.__init__ now takes {params}"
-    source = inspect.getsource(impl.__init__) + inspect.getsource(impl.setup)
-    for attribute in ("sampler", "direction", "storage", "study_name", "n_trials", "n_jobs", "max_failure_rate",
-                      "config", "launcher"):
-        assert f"self.{attribute} =" in source or f"self.{attribute}:" in source, \
-            f"hydra-optuna-sweeper {version}: OptunaSweeperImpl no longer sets self.{attribute}"
+    from resnet_sweep.launchers import PRIVATE
+
+    assert len(PRIVATE) == 2
+    for dotted in PRIVATE:
+        module, _, name = dotted.rpartition(".")
+        assert hasattr(importlib.import_module(module), name), f"{dotted} is gone (resnet_sweep/launchers.py uses it)"
+
+
+def test_the_package_has_no_import_cycle_lazy_imports_included() -> None:
+    """Every `resnet_sweep` import in a module, at its top or inside a function, points one way."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parent.parent / "resnet_sweep"
+    edges: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        found = edges.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("resnet_sweep"):
+                names = [node.module.split(".")[1]] if "." in node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[1] for a in node.names if a.name.startswith("resnet_sweep.")]
+            else:
+                continue
+            found.update(n for n in names if (package / f"{n}.py").exists() and n != path.stem)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in edges.get(start, ()))
+
+    assert [m for m in sorted(edges) if reaches(m, m, {m})] == []
+
+
+def test_the_modules_that_write_runs_never_import_those_that_read_them() -> None:
+    source = inspect.getsource(__import__("resnet_sweep.tracking", fromlist=["x"]))
+    assert "report" not in {n.split()[-1] for n in source.splitlines() if n.strip().startswith(("import", "from"))}
 
 
 @pytest.mark.parametrize(("module", "says"), [

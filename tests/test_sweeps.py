@@ -136,12 +136,13 @@ def test_two_identical_sweeps_started_together_in_a_fresh_folder(workdir: Path) 
 
 
 def test_a_job_killed_by_the_kernel_fails_its_trial_and_the_sweep_goes_on(workdir: Path) -> None:
-    # the fault hook: a job with seed 1 SIGKILLs its own worker after its first epoch (off unless this is set)
-    env_fault = {"RESNET_SWEEP_TEST_SIGKILL_SEED": "1"}
+    # the fault hook (tests/fault_hooks.py): a job with seed 1 SIGKILLs its own worker after its first epoch
     command = ("-m", "trainer.epochs=2", "data.train_subset=128", "search=none", "hydra/sweeper/sampler=grid",
-               "seed=choice(0,1,2)")
+               "seed=choice(0,1,2)", "+hydra.callbacks.fault._target_=fault_hooks.SigkillAfterFirstEpoch",
+               "+hydra.callbacks.fault.seed=1")
     res = subprocess.run([sys.executable, "-m", "resnet_sweep", *command], cwd=workdir, capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env_fault})
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                                      "PYTHONPATH": str(Path(__file__).parent)})
     assert res.returncode == 0, res.stderr[-3000:]
     done = counted(study(workdir).trials)
     by_seed = {t.params["seed"]: t for t in done}
