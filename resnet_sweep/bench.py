@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# resnet_sweep.bench, {date.today()}: {model_cfg.layout.name} {model_cfg.family.name}-{model_cfg.depth} "
           f"({count_parameters(reference):,} params), batch {batch}, {steps} steps x {args.repeats} repeats, "
           f"{source} 1x28x28 data, {trainer.precision.name}, channels_last={trainer.channels_last}")
+    print_table(results, device)
+    return 0
+
+
+def print_table(results: dict[str, list[float]], device: torch.device) -> None:
+    """The loops' samples/s (median, min, max) and the ratios that matter: (c)/(b) and (c)/(a)."""
     print(f"# device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| loop | samples/s (median) | min | max |\n| --- | --- | --- | --- |")
@@ -215,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     b = next(v for k, v in med.items() if k.startswith("(b)"))
     c = next(v for k, v in med.items() if k.startswith("(c)"))
     print(f"\nratio (c)/(b) = {c / b:.3f}" + (f"   ratio (c)/(a) = {c / a:.2f}" if a else ""))
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch._dynamo  # noqa: F401 (the first optimizer step imports it: here, so no stall limit cuts an import)
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict

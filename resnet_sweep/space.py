@@ -26,15 +26,14 @@ MAX_COMBINATIONS = 256  # combinations checked at most (a seeded sample of large
 
 
 def parse(overrides: list[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
-    """(the swept keys' distributions, the other overrides as every trial gets them). A key given twice
-    takes its last value, so the command line overrides hydra.sweeper.params; ConfigError for a sweep
-    Optuna cannot take (a log interval from 0, an empty range)."""
+    """(the swept keys' distributions, the other overrides as every trial gets them), as the official
+    Optuna sweeper makes them: a sweep given twice takes its last value in its first place (the command
+    line overrides hydra.sweeper.params; the order is the order of suggestion), and a fixed value of a
+    key wins over a sweep of it. ConfigError for a sweep Optuna cannot take (a log interval from 0)."""
     space: dict[str, BaseDistribution] = {}
     fixed: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.get_key_element()
-        space.pop(key, None)
-        fixed.pop(key, None)
         if not override.is_sweep_override():
             fixed[key] = override.input_line or f"{key}={override.get_value_element_as_str()}"
             continue
@@ -43,7 +42,7 @@ def parse(overrides: list[str]) -> tuple[dict[str, BaseDistribution], list[str]]
         except ValueError as exc:
             raise ConfigError(f"{override.input_line} cannot be swept: {exc} (e.g. a log interval starts above 0: "
                               f"'optimizer.lr=tag(log,interval(1e-4,1))')") from None
-    return space, list(fixed.values())
+    return {k: d for k, d in space.items() if k not in fixed}, list(fixed.values())
 
 
 def _distribution(override: Any) -> BaseDistribution:
@@ -120,46 +119,8 @@ def check(space: dict[str, BaseDistribution], written: dict[str, str], fixed: li
         return
     names = list(space)
     values = {name: candidates(d) for name, d in space.items()}
-    product = list(itertools.islice(itertools.product(*(values[n] for n in names)), 100_000))
-    if len(product) > MAX_COMBINATIONS:
-        product = random.Random(0).sample(product, MAX_COMBINATIONS)
-        # every value in a few combinations at least
-        for i, name in enumerate(names):
-            for value in values[name]:
-                product += [tuple(value if j == i else values[n][0] for j, n in enumerate(names))]
     bases: dict[tuple, DictConfig | BaseException] = {}  # the composed config per choice of groups
-
-    def try_combination(combination: tuple) -> BaseException | None:
-        chosen = dict(zip(names, combination))
-        base_keys = tuple(n for n in names if _composed(n))
-        key = tuple(chosen[n] for n in base_keys)
-        if key not in bases:
-            try:
-                bases[key] = compose([f"{n}={chosen[n]}" for n in base_keys] + fixed)
-            except Exception as exc:  # noqa: BLE001 (Hydra's composition errors: the value at fault)
-                bases[key] = exc
-        base = bases[key]
-        if isinstance(base, BaseException):
-            return base
-        cfg = base.copy()
-        with open_dict(cfg):
-            del cfg["hydra"]
-        try:
-            for name in names:
-                if not _composed(name):
-                    try:
-                        OmegaConf.update(cfg, name, chosen[name], merge=False)
-                    except OmegaConfBaseException:
-                        cfg = compose([f"{n}={chosen[n]}" for n in names] + fixed)
-                        with open_dict(cfg):
-                            del cfg["hydra"]
-                        break
-            validate(cfg)
-        except Exception as exc:  # noqa: BLE001 (ConfigError, or OmegaConf's and Hydra's own)
-            return exc
-        return None
-
-    outcomes = {combination: try_combination(combination) for combination in dict.fromkeys(product)}
+    outcomes = {c: _try(dict(zip(names, c)), fixed, compose, bases) for c in _combinations(names, values)}
     refused = []
     for i, name in enumerate(names):
         for value in values[name]:
@@ -169,6 +130,44 @@ def check(space: dict[str, BaseDistribution], written: dict[str, str], fixed: li
     if refused:  # where every combination fails, the value whose key the error names is at fault
         name, value, error = next((r for r in refused if r[0].lstrip("+~") in _reason(r[2])), refused[0])
         raise ConfigError(_refusal(name, value, written.get(name, repr(space[name])), space[name], error))
+
+
+def _combinations(names: list[str], values: dict[str, list[Any]]) -> list[tuple]:
+    """Every combination of the values, or a seeded sample of MAX_COMBINATIONS with every value in some."""
+    product = list(itertools.islice(itertools.product(*(values[n] for n in names)), 100_000))
+    if len(product) > MAX_COMBINATIONS:
+        product = random.Random(0).sample(product, MAX_COMBINATIONS)
+        for i, name in enumerate(names):
+            product += [tuple(v if j == i else values[n][0] for j, n in enumerate(names)) for v in values[name]]
+    return list(dict.fromkeys(product))
+
+
+def _try(chosen: dict[str, Any], fixed: list[str], compose: Callable[[list[str]], DictConfig],
+         bases: dict[tuple, DictConfig | BaseException]) -> BaseException | None:
+    """Why the config of this combination cannot train, or None if it can."""
+    key = tuple((n, chosen[n]) for n in chosen if _composed(n))
+    if key not in bases:
+        try:
+            bases[key] = compose([f"{n}={v}" for n, v in key] + fixed)
+        except Exception as exc:  # noqa: BLE001 (Hydra's composition errors: the value at fault)
+            bases[key] = exc
+    if isinstance(base := bases[key], BaseException):
+        return base
+    cfg = base.copy()
+    try:
+        for name, value in chosen.items():
+            if not _composed(name):
+                try:
+                    OmegaConf.update(cfg, name, value, merge=False)
+                except OmegaConfBaseException:  # what setting cannot take, composing can (a list, say)
+                    cfg = compose([f"{n}={v}" for n, v in chosen.items()] + fixed)
+                    break
+        with open_dict(cfg):
+            del cfg["hydra"]
+        validate(cfg)
+    except Exception as exc:  # noqa: BLE001 (ConfigError, or OmegaConf's and Hydra's own)
+        return exc
+    return None
 
 
 def _composed(name: str) -> bool:

@@ -64,7 +64,7 @@ class ResnetOptunaSweeperConf(OptunaSweeperConf):
     heartbeat_interval: int = 5
     grace_period: int = 20
     max_failure_rate: float = 1.0  # stop once more than this share of the counted trials failed (1.0: never)
-    timeout: Optional[float] = None  # seconds: no trial starts after this much of the sweep
+    timeout: Optional[float] = None  # seconds from the first trial's start (workers ready): none starts after
     trial_timeout: Optional[float] = None  # seconds a trial may train; a longer one fails (and counts)
     stall_timeout: Optional[float] = None  # seconds without a training step (null: adaptive, trials.py)
     allow_space_change: bool = False  # resume a study whose search space differs, on purpose
@@ -92,7 +92,7 @@ class ResnetOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         install_sigterm_handler()
         tracking.mask_passwords_in_logs()
-        self._begun, self.parent = time.monotonic(), None
+        self.parent = None
         try:  # before any study, run or trial exists
             space, fixed = self._space(arguments)
             self._check(space, fixed)
@@ -279,7 +279,7 @@ class ResnetOptunaSweeper(Sweeper):
                     self.records.queue_retries()
                     all_trials = study.get_trials(deepcopy=False)
                     done, timeout = counted(all_trials), self.limits["timeout"]
-                    self._timed_out = bool(timeout) and time.monotonic() - self._begun >= timeout
+                    self._timed_out = bool(timeout) and time.monotonic() - self._started >= timeout
                     if (len(done) >= n_trials or self._timed_out) and not self._in_flight:
                         return
                     self._check_failure_rate(study, done)

@@ -125,6 +125,47 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "
 EpochCallback = Callable[[dict[str, float], int], None]  # (metrics, epoch)
 
 
+def train_epoch(model: nn.Module, data: Data, opt: torch.optim.Optimizer, cfg: TrainerConfig,
+                generator: torch.Generator, epoch: int, augment: bool = False,
+                scaler: torch.amp.GradScaler | None = None, gradients: GradientNorms | None = None,
+                on_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass over the training split: (summed loss, correct predictions, steps), the sums on the device
+    (no host sync per step but the finite check)."""
+    model.train()
+    device, precision = data.train.y.device, cfg.precision.name
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for step, (x, y) in enumerate(batches(data.train, cfg.batch_size, generator, shuffle=True), 1):
+        if augment:
+            x = pad_crop_flip(x, generator)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+        if step % cfg.finite_check_every == 0 and not math.isfinite(value := loss.item()):
+            raise NonFiniteLoss(epoch, step, value)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)  # true gradients for the diagnostics; step skips inf/nan ones
+        else:
+            loss.backward()
+        if gradients is not None and gradients.wants(step, steps_per_epoch):
+            gradients.observe()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        if on_step is not None:
+            on_step()
+    return loss_sum, correct, step
+
+
 def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg: TrainerConfig,  # noqa: ANN001
         generator: torch.Generator, augment: bool = False, monitor: str = "val_loss",
         on_epoch: EpochCallback | None = None, best_checkpoint: Path | None = None,
@@ -147,38 +188,9 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
     best_acc = -1.0
     metrics: dict[str, float] = {}
     for epoch in range(1, cfg.epochs + 1):
-        model.train()
         start = time.perf_counter()
-        # Sums stay on the device: no host sync per step except the finite check.
-        loss_sum = torch.zeros((), device=data.train.y.device)
-        correct = torch.zeros((), device=data.train.y.device, dtype=torch.long)
-        for step, (x, y) in enumerate(batches(data.train, cfg.batch_size, generator, shuffle=True), 1):
-            if augment:
-                x = pad_crop_flip(x, generator)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                out = model(x)
-                loss = F.cross_entropy(out.float(), y)
-            if step % cfg.finite_check_every == 0 and not math.isfinite(value := loss.item()):
-                raise NonFiniteLoss(epoch, step, value)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)  # true gradients for the diagnostics; step skips inf/nan ones
-            else:
-                loss.backward()
-            if gradients is not None and gradients.wants(step, steps_per_epoch):
-                gradients.observe()
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
-            if on_step is not None:
-                on_step()
+        loss_sum, correct, step = train_epoch(model, data, opt, cfg, generator, epoch, augment=augment,
+                                              scaler=scaler, gradients=gradients, on_step=on_step)
         n = len(data.train)
         train_loss = loss_sum.item() / n
         if not math.isfinite(train_loss):

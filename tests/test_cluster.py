@@ -18,7 +18,7 @@ import services
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("cluster")]  # fixed SLURM ports: one worker
 FAST_HEARTBEAT = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4")
 
 
@@ -65,7 +65,7 @@ class Cluster:
             time.sleep(1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: its SLURM ports are fixed
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     folder = tmp_path_factory.mktemp("cluster")
     with services.postgres() as pg, services.slurm_cluster() as env, \

@@ -92,7 +92,7 @@ def test_a_job_blocked_on_io_is_stopped_at_its_stall_limit_and_retried(workdir: 
     os.mkfifo(workdir / "sweep" / "0" / "config_resolved.yaml")
     began = time.monotonic()
     res = run_cli(workdir, "-m", "trainer.epochs=2", "data.train_subset=128", "hydra.sweeper.n_trials=2",
-                  "hydra.sweep.dir=sweep", "hydra.sweeper.stall_timeout=5", *FAST_HEARTBEAT)
+                  "hydra.sweep.dir=sweep", "hydra.sweeper.stall_timeout=10", *FAST_HEARTBEAT)
     assert res.returncode == 0, res.stderr[-3000:]
     trials = study(workdir).trials
     (zero,) = [t for t in trials if t.number == 0]
@@ -112,7 +112,7 @@ def test_parameters_that_stall_three_times_count_as_failed_and_the_sweep_ends(wo
         (workdir / "sweep" / str(number)).mkdir(parents=True)
         os.mkfifo(workdir / "sweep" / str(number) / "config_resolved.yaml")
     res = run_cli(workdir, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=1", "hydra.sweep.dir=sweep",
-                  "hydra.sweeper.stall_timeout=3", *FAST_HEARTBEAT)
+                  "hydra.sweeper.stall_timeout=15", *FAST_HEARTBEAT)  # above the first job's imports, loaded
     assert res.returncode == 1, res.stderr[-3000:]  # the one trial failed: "none of its 1 trials completed"
     trials = sorted(study(workdir).trials, key=lambda t: t.number)
     assert [t.state.name for t in trials] == ["FAIL", "FAIL", "FAIL"]
@@ -259,7 +259,7 @@ def test_a_disk_too_full_for_the_stores_is_one_paragraph_and_leaves_no_partial_f
     assert "Traceback" not in out and len([line for line in out.splitlines() if "rror" in line]) == 1, out
     assert not list(small_disk.glob(".*.creating-*"))
     filler.unlink()
-    again = run_cli(small_disk, "-m", *TINY, "hydra.sweeper.n_trials=2")
+    again = run_cli(small_disk, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=2")
     assert again.returncode == 0, again.stderr[-3000:]
 
 
@@ -294,7 +294,8 @@ def test_combinations_that_train_are_not_refused_and_a_config_failing_at_run_tim
         workdir: Path) -> None:
     # ImageNet-layout depth 18 trains only with layout imagenet: the pair is allowed; digits trains, and
     # MNIST, whose files are missing here, fails its own trials at run time and marks no other
-    res = run_cli(workdir, "-m", "search=none", "hydra/sweeper/sampler=grid", *TINY, "data.download=false",
+    res = run_cli(workdir, "-m", "workers=serial", "search=none", "hydra/sweeper/sampler=grid", *TINY,
+                  "data.download=false",
                   f"data.root={workdir / 'nothing'}", "data=choice(digits,mnist)", "seed=choice(0,1)")
     assert res.returncode == 0, res.stderr[-3000:]
     trials = study(workdir).trials
@@ -303,13 +304,19 @@ def test_combinations_that_train_are_not_refused_and_a_config_failing_at_run_tim
         assert t.state.name == ("COMPLETE" if t.params["data"] == "digits" else "FAIL"), (t.params, t.user_attrs)
         if t.params["data"] == "mnist":
             assert "DataUnavailable" in t.user_attrs["fail_reason"]
-    pairs = run_cli(workdir, "-m", "search=none", *TINY, "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=pairs",
-                    "model.layout=choice(cifar,imagenet)", "model.depth=choice(20,18)")
+    pairs = run_cli(workdir, "-m", "workers=serial", "search=none", "hydra/sweeper/sampler=grid", *TINY,
+                    "hydra.sweeper.study_name=pairs",
+                    "model.layout=choice(cifar,imagenet)", "model.depth=choice(20,18)", "model.stem=small")
     assert pairs.returncode == 0, pairs.stderr[-3000:]
+    trials = optuna.load_study(study_name="pairs", storage=f"sqlite:///{workdir / 'optuna.db'}").trials
+    ok = {("cifar", 20), ("imagenet", 18)}
+    assert {(t.params["model.layout"], t.params["model.depth"]): t.state.name for t in trials} == {
+        (layout, depth): "COMPLETE" if (layout, depth) in ok else "FAIL" for layout in ("cifar", "imagenet")
+        for depth in (20, 18)}
 
 
 def test_a_changed_search_space_is_refused_or_continued_on_purpose_and_recorded(workdir: Path) -> None:
-    base = ("-m", *TINY, "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=X")
+    base = ("-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=X")
     assert run_cli(workdir, *base, "optimizer.lr=interval(0.01,0.1)").returncode == 0
     before = snapshot(f"sqlite:///{workdir / 'mlflow.db'}")
     changed = run_cli(workdir, *base, "optimizer.lr=interval(0.5,1.0)")
@@ -379,12 +386,12 @@ def zero_a_page(db: Path, table: str) -> int:
 @pytest.mark.parametrize(("store", "table"), [("mlflow.db", "metrics"), ("optuna.db", "trial_intermediate_values")])
 def test_a_damaged_store_is_named_in_one_line_and_nothing_is_written_into_it(workdir: Path, store: str,
                                                                               table: str) -> None:
-    first = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=2")
+    first = run_cli(workdir, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=2")
     assert first.returncode == 0, first.stderr[-3000:]
     db = workdir / store
     zero_a_page(db, table)
     damaged = hashlib.sha256(db.read_bytes()).hexdigest()
-    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=3")
+    res = run_cli(workdir, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=3")
     out = (res.stdout + res.stderr).strip()
     assert res.returncode == 2, out[-3000:]
     assert out.startswith("Error: ") and len(out.splitlines()) == 1 and "Traceback" not in out, out
@@ -396,24 +403,25 @@ def test_a_damaged_store_is_named_in_one_line_and_nothing_is_written_into_it(wor
     check = subprocess.run(["sqlite3", f"{db}.recovered", "pragma quick_check"], capture_output=True, text=True)
     assert check.stdout.strip() == "ok"
     os.replace(f"{db}.recovered", db)
-    assert run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=3").returncode == 0
+    assert run_cli(workdir, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=3").returncode == 0
 
 
 def test_a_time_budget_ends_the_sweep_and_a_trial_over_its_limit_fails(workdir: Path) -> None:
-    res = run_cli(workdir, "-m", "trainer.epochs=5", "data.train_subset=512", "hydra.sweeper.n_trials=50",
-                  "+hydra.sweeper.timeout=20")
+    res = run_cli(workdir, "-m", "trainer.epochs=3", "data.train_subset=512", "hydra.sweeper.n_trials=50",
+                  "+hydra.sweeper.timeout=10")
     assert res.returncode == 0, res.stderr[-3000:]
     trials = study(workdir).trials
     assert 0 < len(counted(trials)) < 50 and [t.state.name for t in trials].count("RUNNING") == 0
-    assert "hydra.sweeper.timeout=20 s has passed: no trial started after it" in res.stdout + res.stderr
+    assert "hydra.sweeper.timeout=10 s has passed: no trial started after it" in res.stdout + res.stderr
     begun = min(t.datetime_start for t in trials)
-    assert all((t.datetime_start - begun).total_seconds() < 20 for t in trials)  # none started after the budget
-    limited = run_cli(workdir, "-m", "search=none", "hydra/sweeper/sampler=grid", "data.train_subset=512",
-                      "trainer.epochs=choice(1,60)", "hydra.sweeper.trial_timeout=8", "hydra.sweeper.study_name=limit")
+    assert all((t.datetime_start - begun).total_seconds() < 10 for t in trials)  # none started after the budget
+    limited = run_cli(workdir, "-m", "workers=serial", "search=none", "hydra/sweeper/sampler=grid",
+                      "data.train_subset=512", "trainer.epochs=choice(1,300)", "hydra.sweeper.trial_timeout=4",
+                      "hydra.sweeper.study_name=limit")
     assert limited.returncode == 0, limited.stderr[-3000:]
     by_epochs = {t.params["trainer.epochs"]: t for t in optuna.load_study(
         study_name="limit", storage=f"sqlite:///{workdir / 'optuna.db'}").trials}
-    assert by_epochs[1].state.name == "COMPLETE" and by_epochs[60].state.name == "FAIL"
-    assert "longer than hydra.sweeper.trial_timeout=8 s" in by_epochs[60].user_attrs["fail_reason"]
-    assert not by_epochs[60].user_attrs.get("interrupted")  # the trial's own fault: it counts
+    assert by_epochs[1].state.name == "COMPLETE" and by_epochs[300].state.name == "FAIL"
+    assert "longer than hydra.sweeper.trial_timeout=4 s" in by_epochs[300].user_attrs["fail_reason"]
+    assert not by_epochs[300].user_attrs.get("interrupted")  # the trial's own fault: it counts
     no_running(workdir)

@@ -22,7 +22,7 @@ FAST_HEARTBEAT = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_per
 
 
 def test_the_job_knows_its_trial_and_trial_run_and_folder_find_each_other(workdir: Path) -> None:
-    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=2")
+    res = run_cli(workdir, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=2")
     assert res.returncode == 0, res.stderr[-3000:]
     s = study(workdir)
     for trial in s.trials:
@@ -154,9 +154,11 @@ def test_a_job_killed_by_the_kernel_fails_its_trial_and_the_sweep_goes_on(workdi
 
 
 def test_the_same_overrides_in_another_order_resume_the_same_study(workdir: Path) -> None:
-    first = run_cli(workdir, "-m", "trainer.epochs=1", "data.train_subset=128", "hydra.sweeper.n_trials=1")
+    first = run_cli(workdir, "-m", "workers=serial", "trainer.epochs=1", "data.train_subset=128",
+                    "hydra.sweeper.n_trials=1")
     assert first.returncode == 0, first.stderr[-3000:]
-    again = run_cli(workdir, "-m", "data.train_subset=128", "trainer.epochs=1", "hydra.sweeper.n_trials=2")
+    again = run_cli(workdir, "-m", "data.train_subset=128", "trainer.epochs=1", "hydra.sweeper.n_trials=2",
+                    "workers=serial")
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(optuna.get_all_study_summaries(f"sqlite:///{workdir / 'optuna.db'}")) == 1
     assert len(counted(study(workdir).trials)) == 2
@@ -164,7 +166,7 @@ def test_the_same_overrides_in_another_order_resume_the_same_study(workdir: Path
 
 def test_any_experiment_or_study_name_sweeps(workdir: Path) -> None:
     name = """a/b,c 'q' "d" ${x}"""
-    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=1", "tracking.experiment='实验'",
+    res = run_cli(workdir, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=1", "tracking.experiment='实验'",
                   "hydra.sweeper.study_name='a/b,c \\'q\\' \"d\" \\${x}'")
     assert res.returncode == 0, res.stderr[-3000:]
     (trial,) = study(workdir).trials
@@ -207,7 +209,8 @@ def test_a_sweep_refuses_to_select_on_the_test_set_before_anything_is_created(wo
 
 
 def test_every_trial_failing_ends_with_a_summary_whose_advice_works(workdir: Path) -> None:
-    command = ("-m", "trainer.epochs=2", "data.train_subset=256", "hydra.sweeper.n_trials=2", "optimizer.lr=1e9")
+    command = ("-m", "workers=serial", "trainer.epochs=2", "data.train_subset=256", "hydra.sweeper.n_trials=2",
+               "optimizer.lr=1e9")
     res = run_cli(workdir, *command)
     assert res.returncode == 1
     out = res.stdout + res.stderr
@@ -219,8 +222,8 @@ def test_every_trial_failing_ends_with_a_summary_whose_advice_works(workdir: Pat
     again = run_cli(workdir, *command)
     assert again.returncode == 1 and len(study(workdir).trials) == 2
     advice = out.split("hydra.sweeper.study_name=", 1)[1].split()[0].rstrip(".")
-    fixed = run_cli(workdir, "-m", "trainer.epochs=1", "data.train_subset=128", "hydra.sweeper.n_trials=2",
-                    f"hydra.sweeper.study_name={advice}")
+    fixed = run_cli(workdir, "-m", "workers=serial", "trainer.epochs=1", "data.train_subset=128",
+                    "hydra.sweeper.n_trials=2", f"hydra.sweeper.study_name={advice}")
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert len(optuna.get_all_study_summaries(f"sqlite:///{workdir / 'optuna.db'}")) == 2
 
@@ -269,7 +272,7 @@ def test_the_bracket_pruners_prune_through_the_jobs_reports(workdir: Path, prune
 
 
 def test_seed_repeats_average_outside_the_search_space(workdir: Path) -> None:
-    res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=1", "sweep.seeds=2")
+    res = run_cli(workdir, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=1", "sweep.seeds=2")
     assert res.returncode == 0, res.stderr[-3000:]
     (trial,) = study(workdir).trials
     assert "seed" not in trial.params and len(trial.user_attrs["objective_per_seed"]) == 2
@@ -308,7 +311,7 @@ def test_trials_run_asynchronously_fast_ones_finish_while_a_slow_one_runs(workdi
     for epochs in (60, 1, 1, 1):  # the sweep asks queued trials first, in this order
         queued.enqueue_trial({"trainer.epochs": epochs})
     res = run_cli(workdir, "-m", "search=none", "trainer.epochs=choice(1,60)", "hydra.sweeper.study_name=async",
-                  "hydra.sweeper.n_trials=4", "hydra.launcher.n_jobs=2")
+                  "hydra.sweeper.n_trials=4", "hydra.launcher.n_jobs=2", "data.train_subset=512")
     assert res.returncode == 0, res.stderr[-3000:]
     slow, *fast = sorted(study(workdir).trials, key=lambda t: t.number)
     assert [t.params["trainer.epochs"] for t in (slow, *fast)] == [60, 1, 1, 1]
