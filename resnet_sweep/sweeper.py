@@ -363,7 +363,7 @@ class ResnetOptunaSweeper(Sweeper):
         try:
             results = [finished.get(timeout=self.s.heartbeat_interval)]
         except queue.Empty:
-            self._release_ended()
+            self._release_ended(study)
             return
         while not finished.empty():
             results.append(finished.get_nowait())
@@ -415,7 +415,7 @@ class ResnetOptunaSweeper(Sweeper):
         else:
             raise exc  # a launcher error: the sweep stops (see _run)
 
-    def _release_ended(self) -> None:
+    def _release_ended(self, study: optuna.Study) -> None:
         """Free the slot of a cluster job whose trial has ended while the launcher still waits for the job.
         Why: submitit waits for a job that SLURM preempted as if it were to be requeued, but ours are not
         (--no-requeue), and the job told its trial first (interrupted, to be retried). The waiting thread
@@ -429,6 +429,7 @@ class ResnetOptunaSweeper(Sweeper):
             elif now - ended >= wait:
                 log.info("trial %d has ended, but its job has not come back in %.0f s: its slot is free", number, wait)
                 del self._in_flight[number]
+                self._progress(study, number)
 
     def _worker_died(self, numbers: list[int], exc: BaseException) -> None:
         """A worker process died (the kernel killed it: out of memory? or this sweep did, to stop a stuck
