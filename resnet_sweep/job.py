@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> float:
             objective = train_seeds(cfg, conf, trial, sweeping)
             if trial is not None:
                 trial.finish(objective)  # the job tells its own result: it survives whatever befalls the sweeper
-        except TrialEnded as exc:  # another process ended the trial (found it stale): nothing more to record
+        except (TrialEnded, tracking.RunEnded) as exc:  # another process ended it (found it stale): record no more
             log.warning("%s; this job stops and records nothing over it", exc)
             return math.nan
         except BaseException as exc:

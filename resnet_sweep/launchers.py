@@ -125,10 +125,17 @@ def stop_job(job: dict[str, Any]) -> str:
     if job.get("slurm"):
         subprocess.run(["scancel", str(job["slurm"])], capture_output=True, timeout=60)
         return f"its SLURM job {job['slurm']} was cancelled"
-    if job.get("host") == socket.gethostname() and pid and pid != os.getpid() and _parent_of(pid) == os.getpid():
-        os.kill(pid, signal.SIGKILL)
+    if job.get("host") == socket.gethostname() and kill_worker(pid):
         return f"its worker process {pid} was killed"
     return f"its job ({job or 'not started'}) cannot be stopped from here"
+
+
+def kill_worker(pid: int) -> bool:
+    """SIGKILL `pid` if it is a worker process of this one (a stopped or stuck process dies too)."""
+    if pid and pid != os.getpid() and _parent_of(pid) == os.getpid():
+        os.kill(pid, signal.SIGKILL)
+        return True
+    return False
 
 
 def _parent_of(pid: int) -> int:

@@ -6,6 +6,7 @@ trial, since GridSampler reads the cells in use, then claims one).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -51,6 +52,45 @@ def is_database(url: str) -> bool:
     try:
         return bool(make_url(url).get_backend_name())
     except ArgumentError:
+        return False
+
+
+def lock_holders(url: str) -> dict[int, str]:
+    """The processes (pid: command line) other than this one that hold a lock on the SQLite file of `url`
+    now, from Linux's /proc/locks (SQLite locks with fcntl); {} for other stores and systems."""
+    path = sqlite_file(url)
+    try:
+        st, table = os.stat(path), Path("/proc/locks").read_text() if path else ""
+    except (OSError, TypeError):
+        return {}
+    held = {}
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or parts[1] == "->" or not parts[4].isdigit():  # "->": waiting for it, not holding
+            continue
+        major, minor, inode = parts[5].split(":")
+        if (int(major, 16), int(minor, 16), int(inode)) == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino):
+            held[int(parts[4])] = ""
+    for pid in held:
+        try:
+            held[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            pass
+    held.pop(os.getpid(), None)
+    return held
+
+
+def lock_free(url: str, wait: float = 10.0) -> bool:
+    """Whether a write lock on the SQLite file of `url` can be had within `wait` s (True for other stores)."""
+    path = sqlite_file(url)
+    if path is None:
+        return True
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=wait, isolation_level=None)) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        return True
+    except sqlite3.Error:
         return False
 
 
@@ -119,6 +159,13 @@ def check_store(url: str, key: str) -> None:
                              f"created) or point {key} at the right file") from None
         if "malformed" in str(exc):
             damaged = str(exc)
+        elif "locked" in str(exc):  # held for the whole busy timeout: a stopped or stuck process holds it
+            holders = lock_holders(f"sqlite:///{path}")
+            who = ", ".join(f"pid {pid} ({command[:200]})" for pid, command in holders.items()) or "another process"
+            pid = next(iter(holders), "PID")
+            raise StoreError(f"{key}={url}: {path} has been locked for over a minute by {who}; end it (`kill {pid}`; "
+                             f"a stopped process goes on after `kill -CONT {pid}`), then run the same command again") \
+                from None
         else:
             raise StoreError(f"{key}={url}: {path} cannot be written ({exc}); make it and its folder writable "
                          f"(chmod u+w), or point {key} elsewhere") from None

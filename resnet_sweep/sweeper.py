@@ -12,6 +12,7 @@ space is checked first (space.py); every sweep ends (stalls, time limits: docs/s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -274,38 +275,42 @@ class ResnetOptunaSweeper(Sweeper):
         stop_beat = trials.beat(self.storage, self._unstarted, self.s.heartbeat_interval)
         try:
             while True:
-                with stores.store_lock(str(self.s.storage)):  # one process at a time queues retries and asks
-                    optuna.storages.fail_stale_trials(study)
-                    self.records.queue_retries()
-                    all_trials = study.get_trials(deepcopy=False)
-                    done, timeout = counted(all_trials), self.limits["timeout"]
-                    self._timed_out = bool(timeout) and time.monotonic() - self._started >= timeout
-                    if (len(done) >= n_trials or self._timed_out) and not self._in_flight:
-                        return
-                    self._check_failure_rate(study, done)
-                    running = [t.number for t in all_trials if t.state == TrialState.RUNNING]
-                    slots = min(self._capacity() - len(self._in_flight), n_trials - len(done) - len(running))
-                    if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs
-                           for t in all_trials):  # a trial whose worker died beside another's runs alone
-                        slots = min(slots, 0 if self._in_flight else 1)
-                    batch = [self._ask(study, space) for _ in range(0 if self._timed_out else max(slots, 0))]
-                for number in sorted(self._found_stale & set(self._in_flight)):
-                    self._in_flight.pop(number)
-                    job = self.records.find(number).user_attrs.get(trials.PROCESS) or {}
-                    what = launchers.stop_job(job)
-                    self._pool_broken_for = number if "worker process" in what else self._pool_broken_for
-                    log.warning("trial %d: %s; its slot is free", number, what)
-                self._found_stale.clear()
-                for trial in batch:
-                    self._start(trial, space, fixed, finished)
-                if self._in_flight:
-                    said_waiting = False
-                    self._collect(study, finished)
-                    continue
-                if not said_waiting:
-                    said_waiting = True
-                    log.info("waiting for %d trials that other processes run (%s)", len(running), running)
-                time.sleep(self.s.heartbeat_interval)
+                try:
+                    with stores.store_lock(str(self.s.storage)):  # one process at a time queues retries and asks
+                        optuna.storages.fail_stale_trials(study)
+                        self.records.queue_retries()
+                        all_trials = study.get_trials(deepcopy=False)
+                        done, timeout = counted(all_trials), self.limits["timeout"]
+                        self._timed_out = bool(timeout) and time.monotonic() - self._started >= timeout
+                        if (len(done) >= n_trials or self._timed_out) and not self._in_flight:
+                            return
+                        self._check_failure_rate(study, done)
+                        running = [t.number for t in all_trials if t.state == TrialState.RUNNING]
+                        slots = min(self._capacity() - len(self._in_flight), n_trials - len(done) - len(running))
+                        if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs
+                               for t in all_trials):  # a trial whose worker died beside another's runs alone
+                            slots = min(slots, 0 if self._in_flight else 1)
+                        batch = [self._ask(study, space) for _ in range(0 if self._timed_out else max(slots, 0))]
+                    for number in sorted(self._found_stale & set(self._in_flight)):
+                        self._in_flight.pop(number)
+                        job = self.records.find(number).user_attrs.get(trials.PROCESS) or {}
+                        what = launchers.stop_job(job)
+                        self._pool_broken_for = number if "worker process" in what else self._pool_broken_for
+                        log.warning("trial %d: %s; its slot is free", number, what)
+                    self._found_stale.clear()
+                    for trial in batch:
+                        self._start(trial, space, fixed, finished)
+                    if self._in_flight:
+                        said_waiting = False
+                        self._collect(study, finished)
+                        continue
+                    if not said_waiting:
+                        said_waiting = True
+                        log.info("waiting for %d trials that other processes run (%s)", len(running), running)
+                    time.sleep(self.s.heartbeat_interval)
+                except Exception as exc:
+                    if not self._unlock(exc):
+                        raise
         except BaseException as exc:  # SIGTERM, Ctrl-C, a launcher error: close what is in flight, then go
             launchers.stop(self.launcher)
             for number in list(self._in_flight):
@@ -316,6 +321,28 @@ class ResnetOptunaSweeper(Sweeper):
             raise
         finally:
             stop_beat()
+
+    def _unlock(self, exc: Exception) -> bool:
+        """Whether the sweep goes on after `exc`, a store locked past SQLite's busy timeout (60 s). A worker
+        process of this sweep that holds the lock (its job stopped or stuck mid-write: SIGSTOP, a frozen
+        disk) blocks every process of the study until it ends: it is killed and its trial runs again. A lock
+        that another process held and has let go: the trials that met it run again. Else the sweep stops."""
+        fault = faults.classify(exc)
+        if fault is None or fault.kind != "store locked":
+            return False
+        uris = [str(self.s.storage), *([self.config.tracking.uri] if self.config.tracking.enabled else [])]
+        killed = [pid for pid in {p for uri in uris for p in stores.lock_holders(uri)} if launchers.kill_worker(pid)]
+        if killed:
+            jobs = {n: self.records.find(n).user_attrs.get(trials.PROCESS, {}).get("pid") for n in self._in_flight}
+            for number in [n for n, pid in jobs.items() if pid in killed]:
+                self._pool_broken_for = number
+                self._interrupt(number, f"interrupted: its job held a store's lock for over a minute ({fault.detail}); "
+                                        f"its worker process {jobs[number]} was killed")
+            return True
+        if all(stores.lock_free(uri) for uri in uris):
+            log.warning("a store was locked for over a minute (%s) and is free again: the sweep goes on", fault.detail)
+            return True
+        return False
 
     def _ask(self, study: optuna.Study, space: dict[str, Any]) -> optuna.Trial:
         """The next trial (a queued retry first), with a first heartbeat at once: a trial asked by a process
@@ -374,6 +401,7 @@ class ResnetOptunaSweeper(Sweeper):
                 results += [r for r in [finished.get(timeout=300)] if r[0] in self._in_flight]
             self._worker_died([n for n, _, exc in results if launchers.worker_died(exc)],
                               next(exc for _, _, exc in results if launchers.worker_died(exc)))
+        met: list[faults.Fault] = []
         for number, ret, exc in results:
             if exc is not None and not launchers.worker_died(exc):
                 self._job_raised(number, exc)  # may stop the sweep: the trial is still in flight then
@@ -382,7 +410,9 @@ class ResnetOptunaSweeper(Sweeper):
                 self._settle(number, ret)
             self._progress(study, number)
             if fault := self.records.find(number).user_attrs.get(trials.ENVIRONMENT):
-                raise faults.EnvironmentStop(faults.Fault(**fault))  # the trials after it would meet it too
+                met.append(faults.Fault(**fault))
+        if met:  # once every trial here is settled: the trials after them would meet it too
+            raise faults.EnvironmentStop(met[0])
 
     def _settle(self, number: int, ret: JobReturn) -> None:
         """A trial that its job left RUNNING (it failed before it could tell)."""
@@ -409,9 +439,8 @@ class ResnetOptunaSweeper(Sweeper):
             if self.records.end(number, TrialState.FAIL, reason=reason):
                 self._kill_run(number, reason, status="FAILED")
                 log.error("trial %d failed: %s", number, reason)
-        elif (fault := faults.classify(exc)) is not None:
+        elif (fault := faults.classify(exc)) is not None:  # _collect then stops the sweep (EnvironmentStop)
             self._interrupt(number, f"interrupted: {fault}", **{trials.ENVIRONMENT: vars(fault)})
-            raise faults.EnvironmentStop(fault) from exc
         else:
             raise exc  # a launcher error: the sweep stops (see _run)
 
@@ -577,6 +606,10 @@ class ResnetOptunaSweeper(Sweeper):
                 "hydra.sweep.dir": str(self.config.hydra.sweep.dir), "artifacts": str(t.artifact_location)}
         then = (f"run the same command again: study '{study_name}' goes on where it stopped (its trials in flight "
                 f"were interrupted: they are run again, not counted)" if study_name else "run the same command again")
+        holders = {p: c for v in where.values() for p, c in stores.lock_holders(v).items()}
+        if fault.kind == "store locked" and holders:  # name who holds it: a stopped process holds it for good
+            fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by " + ", ".join(
+                f"pid {pid} ({command[:200]})" for pid, command in holders.items()))
         where = {k: tracking.safe_url(v) for k, v in where.items()}
         print(f"Error: sweep stopped by a fault of the environment, {faults.paragraph(fault, where, then)}",
               file=sys.stderr)

@@ -36,7 +36,7 @@ from sqlalchemy.exc import ArgumentError
 
 from resnet_sweep import faults
 from resnet_sweep.stores import create_whole, store_lock, wait_for_sqlite_locks
-from resnet_sweep.workers import process_gone, process_tags
+from resnet_sweep.workers import Terminated, process_gone, process_tags
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,11 @@ def _versions() -> dict[str, str]:
 WRITE_EVERY_S = 2.0
 
 
+class RunEnded(Terminated):
+    """The job's run was ended by another process (a sweep that found its trial stale) while the job went
+    on: the job stops, and the run keeps that record."""
+
+
 class JobRun:
     """One MLflow run; every write goes through log_batch so a job makes few round trips."""
 
@@ -421,6 +426,10 @@ class JobRun:
         if self._write_failed:  # after a failed write, the next would only wait out the same retries
             raise self._write_failed[0]
         try:
+            # MLflow takes metrics for an ended run too: a job stopped for minutes (SIGSTOP) whose run a sweep
+            # ended meanwhile would add the epochs it held when it wakes. One read per write (every few s).
+            if (status := self.client.get_run(self.run_id).info.status) != "RUNNING":
+                raise RunEnded(f"MLflow run {self.run_id} was ended by another process ({status})")
             self.client.log_batch(self.run_id, metrics=items)
         except BaseException as exc:
             self._write_failed.append(exc)

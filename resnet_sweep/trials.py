@@ -158,8 +158,14 @@ def beat(storage: Any, trial_ids: Callable[[], list[int]], interval: float,
     stop = threading.Event()
 
     def loop() -> None:
+        def ids() -> list[int]:
+            try:
+                return trial_ids() if alive() else []
+            except Exception:  # noqa: BLE001 (the store may be locked or down for a while)
+                return []
+
         while True:
-            for trial_id in trial_ids() if alive() else []:
+            for trial_id in ids():
                 try:
                     storage.record_heartbeat(trial_id)
                 except Exception:  # noqa: BLE001 (a missed beat is harmless; the next one comes in `interval`)

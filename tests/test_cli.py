@@ -120,6 +120,7 @@ def test_a_two_trial_sweep_fills_optuna_and_mlflow(workdir: Path) -> None:
     assert "optimization_results.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+@pytest.mark.fresh
 @pytest.mark.parametrize("override,message", [
     ("model.dpth=20", "dpth"),                      # unknown key
     ("trainer.epochs=ten", "ten"),                  # wrong type
@@ -221,6 +222,7 @@ BAD_INPUTS = {  # the command's arguments, a file to plant first (name, bytes), 
 }
 
 
+@pytest.mark.fresh
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_a_bad_input_is_one_paragraph_exit_2_and_creates_no_run(workdir: Path, case: str) -> None:
@@ -262,6 +264,7 @@ READ_ONLY = {  # the command's arguments under the read-only folder RO, the key 
 }
 
 
+@pytest.mark.fresh
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(READ_ONLY))
 def test_a_read_only_store_or_output_folder_is_one_paragraph_before_anything_runs(
@@ -274,6 +277,7 @@ def test_a_read_only_store_or_output_folder_is_one_paragraph_before_anything_run
     assert not (workdir / "mlflow.db").exists() and not (workdir / "optuna.db").exists()  # no run, no study
 
 
+@pytest.mark.fresh
 @pytest.mark.slow
 def test_a_device_this_machine_lacks_is_a_config_error(workdir: Path) -> None:
     import torch

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -20,6 +21,7 @@ import pytest
 import services
 from mlflow import MlflowClient
 
+from resnet_sweep import stores
 from conftest import counted, job_runs, parent_runs, run_cli, start, study, wait_for, wait_for_epochs
 
 pytestmark = pytest.mark.slow
@@ -76,13 +78,33 @@ def test_a_stopped_worker_is_killed_its_trial_retried_and_the_sweep_ends(workdir
     trials = study(workdir).trials
     (zero,) = [t for t in trials if t.number == 0]
     (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == 0]
-    assert zero.state.name == "FAIL" and "no heartbeat" in retry.user_attrs["retry_reason"]
+    # silent (no heartbeat), or killed after a minute where it was stopped holding the store's lock
+    assert zero.state.name == "FAIL" and re.search("no heartbeat|held a store's lock", retry.user_attrs["retry_reason"])
     assert len(counted(trials)) == 4 and {t.state.name for t in counted(trials)} == {"COMPLETE"}
     runs = {r.data.tags["optuna.trial"]: r for r in job_runs(workdir)}
     assert runs["0"].info.status == "KILLED"
     no_running(workdir)
     assert "Traceback" not in log.read_text()
     print(f"SIGSTOP of trial 0's worker: the sweep ended {took:.0f} s later, exit 0, 4 COMPLETE")
+
+
+def test_a_worker_stopped_holding_the_study_lock_is_killed_and_the_sweep_ends(workdir: Path) -> None:
+    # the fault hook (tests/fault_hooks.py): the job with seed 1 takes optuna.db's write lock after its first
+    # epoch and stops itself (SIGSTOP) holding it, once; every other process of the study waits for the lock
+    command = ("-m", "trainer.epochs=2", "data.train_subset=128", "search=none", "hydra/sweeper/sampler=grid",
+               "seed=choice(0,1,2)", "+hydra.callbacks.fault._target_=fault_hooks.StopHoldingTheStudyLock",
+               "+hydra.callbacks.fault.seed=1")
+    began = time.monotonic()
+    proc, log = start(workdir, *command, env={"PYTHONPATH": str(Path(__file__).parent)})
+    assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+    trials = study(workdir).trials
+    done = counted(trials)
+    assert sorted(t.params["seed"] for t in done) == [0, 1, 2] and {t.state.name for t in done} == {"COMPLETE"}
+    (held,) = [t for t in trials if "held a store's lock" in str(t.user_attrs.get("fail_reason"))]
+    assert held.params["seed"] == 1 and held.state.name == "FAIL" and held.number not in {t.number for t in done}
+    assert "Traceback" not in log.read_text()
+    no_running(workdir)
+    print(f"a worker stopped holding optuna.db's lock: killed, the sweep done in {time.monotonic() - began:.0f} s")
 
 
 def test_a_job_blocked_on_io_is_stopped_at_its_stall_limit_and_retried(workdir: Path) -> None:
@@ -122,12 +144,25 @@ def test_parameters_that_stall_three_times_count_as_failed_and_the_sweep_ends(wo
     no_running(workdir)
 
 
+def stop_between_writes(pid: int, workdir: Path) -> None:
+    """SIGSTOP `pid` at a moment it holds no lock on the folder's stores (stopped mid-write, it would block
+    every other process of the study: test_a_worker_stopped_holding_the_study_lock_... is about that)."""
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.01)
+        if pid not in {p for db in ("optuna.db", "mlflow.db") for p in stores.lock_holders(f"sqlite:///{workdir / db}")}:
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.05)
+
+
 def test_a_job_that_wakes_after_its_trial_was_settled_records_nothing_over_it(workdir: Path) -> None:
     command = ("-m", "workers=serial", "trainer.epochs=40", "data.train_subset=512", "hydra.sweeper.n_trials=2",
                "hydra.sweeper.study_name=S", *FAST_HEARTBEAT)
     first, log = start(workdir, *command)
     wait_for_epochs(log, "sweep.trial=0", 3, first)
-    os.kill(first.pid, signal.SIGSTOP)  # the sweep and its job (serial: one process) stop mid-trial
+    stop_between_writes(first.pid, workdir)  # the sweep and its job (serial: one process) stop mid-trial
     try:
         second = run_cli(workdir, *command)  # finds trial 0 silent, retries it elsewhere, finishes the study
         assert second.returncode == 0, second.stderr[-3000:]
@@ -279,6 +314,7 @@ BAD_SPACES = {  # the swept value, words the message must have
 }
 
 
+@pytest.mark.fresh
 @pytest.mark.parametrize("case", sorted(BAD_SPACES))
 def test_a_value_that_can_never_train_is_refused_before_the_study_in_one_line(workdir: Path, case: str) -> None:
     override, words = BAD_SPACES[case]

@@ -93,6 +93,7 @@ def test_a_sweep_that_errors_while_launching_leaves_its_parent_run_failed_and_no
     assert "RUNNING" not in {t.state.name for t in trials} and counted(trials) == []  # interrupted, queued again
 
 
+@pytest.mark.fresh
 def test_an_unknown_joblib_backend_stops_the_sweep_before_any_trial_or_run(workdir: Path) -> None:
     res = run_cli(workdir, "-m", *TINY, "hydra.sweeper.n_trials=2", "hydra.launcher.backend=nosuch")
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -119,6 +120,7 @@ def test_a_grid_killed_mid_run_trains_every_cell_exactly_once_after_the_rerun(wo
     assert len(trials) > len(done)  # the killed cells are there too, interrupted
 
 
+@pytest.mark.fresh
 def test_two_identical_sweeps_started_together_in_a_fresh_folder(workdir: Path) -> None:
     command = ("-m", *TINY, "hydra.sweeper.n_trials=4")
     procs = [start(workdir, *command) for _ in range(2)]
@@ -200,6 +202,7 @@ def test_a_net_whose_statistics_diverge_with_a_finite_training_loss_is_never_a_c
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["failure_reason"]
 
 
+@pytest.mark.fresh
 def test_a_sweep_refuses_to_select_on_the_test_set_before_anything_is_created(workdir: Path) -> None:
     res = run_cli(workdir, "-m", *TINY, "objective=test_acc")
     assert res.returncode == 2
@@ -283,6 +286,7 @@ def test_seed_repeats_average_outside_the_search_space(workdir: Path) -> None:
     assert trial.user_attrs["objective_std"] == pytest.approx(statistics.stdev(values))
 
 
+@pytest.mark.fresh
 def test_eight_parallel_joblib_jobs_on_a_fresh_project(workdir: Path) -> None:
     res = run_cli(workdir, "-m", *TINY, "workers=joblib", "hydra.launcher.n_jobs=8", "hydra.sweeper.n_trials=8")
     assert res.returncode == 0, res.stderr[-3000:]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
-from resnet_sweep import tracking
+from resnet_sweep import stores, tracking
 from resnet_sweep.tracking import JobRun, flatten, prepare_store
 
 
@@ -75,3 +79,32 @@ def test_a_database_whose_creation_is_interrupted_is_not_left_half_made(tmp_path
     experiment_id = prepare_store(uri, "after", str(tmp_path / "artifacts"))  # as the rerun does: it works
     assert MlflowClient(uri).get_experiment(experiment_id).name == "after"
     assert sorted(p.name for p in tmp_path.iterdir() if "mlflow.db" in p.name) == ["mlflow.db", "mlflow.db.mlflow.lock"]
+
+
+def test_epochs_held_by_a_job_are_not_written_to_a_run_another_process_ended(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = JobRun(client, client.create_run(prepare_store(uri, "ended", str(tmp_path / "a"))).info.run_id)
+    run.log_metrics({"val_acc": 0.1}, 1, wait=False)  # held, as a job stopped (SIGSTOP) mid-epoch holds it
+    MlflowClient(uri).set_terminated(run.run_id, "KILLED")  # a sweep found the job silent and ended its run
+    with pytest.raises(tracking.RunEnded, match="KILLED"):
+        run.flush()
+    assert client.get_metric_history(run.run_id, "val_acc") == []
+    assert client.get_run(run.run_id).info.status == "KILLED"
+
+
+def test_the_processes_holding_an_sqlite_lock_are_named(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    sqlite3.connect(tmp_path / "x.db").execute("CREATE TABLE t (x)")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sqlite3, time; c = sqlite3.connect({str(tmp_path / 'x.db')!r}, "
+                               "isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        held = stores.lock_holders(url)
+        assert list(held) == [holder.pid] and "BEGIN EXCLUSIVE" in held[holder.pid]
+        assert not stores.lock_free(url, wait=0.2)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert stores.lock_holders(url) == {} and stores.lock_free(url, wait=0.2)
