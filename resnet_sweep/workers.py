@@ -113,8 +113,8 @@ _watching = threading.Lock()
 @contextmanager
 def job_in_progress(when_orphaned: Callable[[str], None] | None = None) -> Iterator[None]:
     """Wraps a job: should this worker's sweep die meanwhile, the job is stopped as interrupted (SIGTERM:
-    it closes its run and trial), then `when_orphaned(reason)` runs (e.g. to end the dead sweep's MLflow
-    parent run) and the process exits."""
+    it closes its run and trial) while `when_orphaned(reason)` runs (e.g. to end the dead sweep's MLflow
+    parent run), and the process exits."""
     _when_orphaned[:] = [when_orphaned] if when_orphaned else []
     watch_sweeper()
     _job_running.set()
@@ -143,17 +143,20 @@ def watch_sweeper() -> None:
             time.sleep(0.5)
         reason = f"its sweeping process (pid {pid}) died"
         threading.Timer(8, os._exit, args=(1,)).start()  # whatever the clean-up below waits on
-        if _job_running.is_set():
+        running = _job_running.is_set()
+        if running:
             _why_terminated.append(reason)
             os.kill(os.getpid(), signal.SIGTERM)
-            deadline = time.monotonic() + 6
-            while _job_running.is_set() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        # first, while the job closes its own trial and run: one short write that a loaded machine could
+        # otherwise see cut off by the timer above (seen in CI: the dead sweep's parent run left RUNNING)
         for callback in _when_orphaned:
             try:
                 callback(reason)
             except Exception:  # noqa: BLE001 (best effort: the process is going anyway)
                 pass
+        deadline = time.monotonic() + 6
+        while running and _job_running.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="watch-sweeper").start()

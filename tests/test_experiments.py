@@ -87,6 +87,7 @@ def test_article_recipe_on_digits_and_its_accuracy_curve(workdir: Path) -> None:
     assert {"accuracy_per_epoch.png", "summary.md"} <= report_files(client, run.info.run_id)
 
 
+@pytest.mark.fresh
 def test_report_without_a_database_says_what_to_do(workdir: Path) -> None:
     res = run_cli(workdir, module="resnet_sweep.report")
     assert res.returncode != 0 and "no MLflow database" in res.stderr

@@ -71,6 +71,7 @@ def test_the_ui_opens_on_the_runs_table_with_each_runs_net_and_result_best_first
     assert "digits" in text  # the Dataset column
 
 
+@pytest.mark.fresh
 def test_the_ui_without_records_says_where_to_run_it(workdir: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "resnet_sweep.ui"], cwd=workdir, capture_output=True, text=True,
                          timeout=120)
