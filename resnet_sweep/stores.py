@@ -80,6 +80,11 @@ def lock_holders(url: str) -> dict[int, str]:
     return held
 
 
+def named(holders: dict[int, str]) -> str:
+    """`pid 12 (python -m resnet_sweep ...), pid 34 (...)`: lock_holders as a message names them."""
+    return ", ".join(f"pid {pid} ({command[:200]})" for pid, command in holders.items())
+
+
 def lock_free(url: str, wait: float = 10.0) -> bool:
     """Whether a write lock on the SQLite file of `url` can be had within `wait` s (True for other stores)."""
     path = sqlite_file(url)
@@ -161,7 +166,7 @@ def check_store(url: str, key: str) -> None:
             damaged = str(exc)
         elif "locked" in str(exc):  # held for the whole busy timeout: a stopped or stuck process holds it
             holders = lock_holders(f"sqlite:///{path}")
-            who = ", ".join(f"pid {pid} ({command[:200]})" for pid, command in holders.items()) or "another process"
+            who = named(holders) or "another process"
             pid = next(iter(holders), "PID")
             raise StoreError(f"{key}={url}: {path} has been locked for over a minute by {who}; end it (`kill {pid}`; "
                              f"a stopped process goes on after `kill -CONT {pid}`), then run the same command again") \

@@ -608,8 +608,7 @@ class ResnetOptunaSweeper(Sweeper):
                 f"were interrupted: they are run again, not counted)" if study_name else "run the same command again")
         holders = {p: c for v in where.values() for p, c in stores.lock_holders(v).items()}
         if fault.kind == "store locked" and holders:  # name who holds it: a stopped process holds it for good
-            fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by " + ", ".join(
-                f"pid {pid} ({command[:200]})" for pid, command in holders.items()))
+            fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by {stores.named(holders)}")
         where = {k: tracking.safe_url(v) for k, v in where.items()}
         print(f"Error: sweep stopped by a fault of the environment, {faults.paragraph(fault, where, then)}",
               file=sys.stderr)
