@@ -606,9 +606,9 @@ class ResnetOptunaSweeper(Sweeper):
                 "hydra.sweep.dir": str(self.config.hydra.sweep.dir), "artifacts": str(t.artifact_location)}
         then = (f"run the same command again: study '{study_name}' goes on where it stopped (its trials in flight "
                 f"were interrupted: they are run again, not counted)" if study_name else "run the same command again")
-        holders = {p: c for v in where.values() for p, c in stores.lock_holders(v).items()}
-        if fault.kind == "store locked" and holders:  # name who holds it: a stopped process holds it for good
-            fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by {stores.named(holders)}")
+        if fault.kind == "store locked" and (holders := {p: c for v in where.values()
+                                                         for p, c in stores.lock_holders(v).items()}):
+            fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by {stores.named(holders)}")  # for good
         where = {k: tracking.safe_url(v) for k, v in where.items()}
         print(f"Error: sweep stopped by a fault of the environment, {faults.paragraph(fault, where, then)}",
               file=sys.stderr)
