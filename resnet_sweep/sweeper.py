@@ -269,6 +269,7 @@ class ResnetOptunaSweeper(Sweeper):
         (they may finish the study, or die and be retried here)."""
         self._in_flight: dict[int, float] = {}  # trial number -> when it was first seen ended (or 0)
         self._found_stale: set[int] = set()  # trials that fail_stale_trials failed here (see _stale)
+        self._stale_todo: list[list[Any]] = []  # [trial, reason, status, retry?] still to queue and close
         self._pool_broken_for: int | None = None  # the trial whose stuck worker this process killed
         self._timed_out, n_trials, said_waiting = False, self.n_trials, False
         finished: queue.Queue = queue.Queue()  # (trial number, JobReturn or None, exception or None)
@@ -278,6 +279,7 @@ class ResnetOptunaSweeper(Sweeper):
                 try:
                     with stores.store_lock(str(self.s.storage)):  # one process at a time queues retries and asks
                         optuna.storages.fail_stale_trials(study)
+                        self._settle_stale()
                         self.records.queue_retries()
                         all_trials = study.get_trials(deepcopy=False)
                         done, timeout = counted(all_trials), self.limits["timeout"]
@@ -286,7 +288,11 @@ class ResnetOptunaSweeper(Sweeper):
                             return
                         self._check_failure_rate(study, done)
                         running = [t.number for t in all_trials if t.state == TrialState.RUNNING]
-                        slots = min(self._capacity() - len(self._in_flight), n_trials - len(done) - len(running))
+                        # a trial in flight whose job has ended it (interrupted: a fault of the environment)
+                        # holds its place until its job comes back: its retry must not start before the sweep
+                        # has read why it ended (a server down would interrupt the retry too)
+                        busy = set(running) | (set(self._in_flight) - {t.number for t in done})
+                        slots = min(self._capacity() - len(self._in_flight), n_trials - len(done) - len(busy))
                         if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs
                                for t in all_trials):  # a trial whose worker died beside another's runs alone
                             slots = min(slots, 0 if self._in_flight else 1)
@@ -494,19 +500,31 @@ class ResnetOptunaSweeper(Sweeper):
 
     def _stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """fail_stale_trials failed this RUNNING trial (no heartbeat for grace_period s): its process died or
-        stopped, or its job made no progress (it stops beating then: trials.JobTrial). Queue its parameters
-        again (unless they stalled too often: then it counts, FAIL), end its runs, and have _run stop its job."""
+        stopped, or its job made no progress (it stops beating then: trials.JobTrial). Noted here and settled
+        by _settle_stale: an exception in this callback would skip the callbacks of the other stale trials,
+        which would then count as failed."""
         stalled = trial.user_attrs.get(trials.STALLED)
         reason = str(trial.user_attrs.get("fail_reason") if stalled else
                      f"interrupted: no heartbeat for {self.s.grace_period} s (its process died or stopped)")
         if stalled and trial.system_attrs.get(trials.STALLS, 0) >= trials.STALL_RETRIES:
-            self._kill_run(trial.number, reason, status="FAILED")
+            self._stale_todo.append([trial, reason, "FAILED", False])
             log.error("trial %d made no progress, as it did twice before: it counts as failed", trial.number)
         else:
-            self.records.retry(trial, reason)  # fail_stale_trials runs under the store lock: queued once
-            self._kill_run(trial.number, reason)
+            self._stale_todo.append([trial, reason, "KILLED", True])
             log.warning("trial %d: %s; its parameters will run again", trial.number, reason)
         self._found_stale.add(trial.number)
+
+    def _settle_stale(self) -> None:
+        """Queue the parameters of each trial _stale noted again (unless they stalled too often: then it
+        counts, FAIL), end its runs, and have _run stop its job. Under the store lock: queued once. What
+        raises (a store locked by a stopped worker) stays noted for the next turn of _run."""
+        while self._stale_todo:
+            trial, reason, status, retry = self._stale_todo[0]
+            if retry:
+                self.records.retry(trial, reason)
+                self._stale_todo[0][3] = False
+            self._kill_run(trial.number, reason, status=status)
+            self._stale_todo.pop(0)
 
     def _progress(self, study: optuna.Study, number: int) -> None:
         """One line per finished trial: its result, how far the study is, the best so far, time left."""

@@ -79,8 +79,11 @@ def retried(trials: list[FrozenTrial]) -> set[int]:
 
 def interrupted(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of the trials stopped from outside: marked so by whoever stopped them, or found silent and
-    queued again by a sweep (a stale trial can carry no mark: Optuna fails it first)."""
-    return retried(trials) | {t.number for t in trials if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED)}
+    queued again by a sweep (a stale trial can carry no mark: Optuna fails it first). A FAIL without a
+    reason is one found silent whose sweep stopped before it queued it again: every FAIL written here has
+    one (Records.end)."""
+    return retried(trials) | {t.number for t in trials if t.state == TrialState.FAIL and (
+        t.user_attrs.get(INTERRUPTED) or "fail_reason" not in t.user_attrs)}
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:

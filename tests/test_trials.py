@@ -1,0 +1,24 @@
+"""What counts in a study (trials.py), on a real SQLite Optuna storage: fast, one process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from resnet_sweep import trials
+
+
+def test_a_trial_found_silent_whose_retry_was_never_queued_does_not_count_and_is_queued_again(tmp_path: Path) -> None:
+    storage = trials.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    failed, silent = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), study.ask()
+    records = trials.Records(storage, "s")
+    records.end(failed.number, TrialState.FAIL, reason="its own fault")  # a job's failure: counted
+    # what Optuna's fail_stale_trials writes before its callbacks run (a sweep stopped there: no retry)
+    storage.set_trial_state_values(records.trial_id(silent.number), state=TrialState.FAIL)
+    assert [t.number for t in trials.counted(study.trials)] == [failed.number]
+    records.queue_retries()
+    (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert retry.user_attrs["retry_of"] == silent.number and silent.number in trials.retried(study.trials)
