@@ -206,7 +206,7 @@ def test_killing_the_sweeping_process_leaves_its_jobs_training_and_a_rerun_adopt
 
 def test_cancelled_and_silently_killed_jobs_have_their_trials_retried_and_the_sweep_goes_on(cluster: Cluster,
                                                                                             tmp_path: Path) -> None:
-    proc, log = cluster.start(tmp_path, "scancel", "trainer.epochs=40", "data.train_subset=256",
+    proc, log = cluster.start(tmp_path, "scancel", "trainer.epochs=150", "data.train_subset=256",
                               "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
     cancelled, killed = wait_for_jobs(cluster, "scancel", 2, proc, log)
     time.sleep(2)
