@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from resnet_sweep.config import DataConfig, DatasetName
+from resnet_sweep import data as datasets
 from resnet_sweep.data import DEBIAN_FASHION_MNIST, DataUnavailable, batches, load, load_arrays, pad_crop_flip
 
 CPU = torch.device("cpu")
@@ -27,6 +28,19 @@ def test_digits_split_is_seeded_and_disjoint() -> None:
     assert len(train_rows) == len(a.train)
     # normalised with the preset's statistics: roughly zero mean, unit std
     assert abs(a.train.x.mean().item()) < 0.1 and abs(a.train.x.std().item() - 1) < 0.1
+
+
+def test_the_digits_kept_in_the_cache_folder_are_scikit_learns_split_and_a_damaged_file_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    made = datasets._digits()  # no file yet: split by scikit-learn, then kept
+    (kept,) = (tmp_path / "resnet_sweep").glob("digits-sklearn-*.npz")
+    expected = datasets._split_digits()
+    for read in (made, datasets._digits()):  # the second is read from the file
+        assert all(a.dtype == b.dtype and (a == b).all() for a, b in zip(read, expected, strict=True))
+    kept.write_bytes(b"\0" * 100)
+    assert all((a == b).all() for a, b in zip(datasets._digits(), expected, strict=True))
+    assert kept.stat().st_size > 100 and [p.name for p in kept.parent.iterdir()] == [kept.name]
 
 
 def test_a_process_reads_its_dataset_once_and_no_run_can_change_what_it_holds() -> None:
