@@ -182,9 +182,9 @@ def test_a_preempted_trial_ends_its_run_killed_and_is_retried(cluster: Cluster, 
 
 def test_killing_the_sweeping_process_leaves_its_jobs_training_and_a_rerun_adopts_them(cluster: Cluster,
                                                                                        tmp_path: Path) -> None:
-    # 60 epochs: long enough that the jobs still train after the wait below on a fast machine (15 epochs of 256
-    # images once finished within it on CI)
-    args = ("trainer.epochs=60", "data.train_subset=256", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2")
+    # 300 epochs (~15 s here): long enough that the jobs still train after the wait below on a fast machine (60
+    # epochs of 256 images once finished within it, since a job's start no longer imports scikit-learn)
+    args = ("trainer.epochs=300", "data.train_subset=256", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2")
     proc, log = cluster.start(tmp_path, "adopt", *args)
     first = wait_for_jobs(cluster, "adopt", 2, proc, log, attr="job")  # started, whatever they are doing
     proc.send_signal(signal.SIGKILL)
@@ -206,7 +206,7 @@ def test_killing_the_sweeping_process_leaves_its_jobs_training_and_a_rerun_adopt
 
 def test_cancelled_and_silently_killed_jobs_have_their_trials_retried_and_the_sweep_goes_on(cluster: Cluster,
                                                                                             tmp_path: Path) -> None:
-    proc, log = cluster.start(tmp_path, "scancel", "trainer.epochs=150", "data.train_subset=256",
+    proc, log = cluster.start(tmp_path, "scancel", "trainer.epochs=300", "data.train_subset=256",
                               "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
     cancelled, killed = wait_for_jobs(cluster, "scancel", 2, proc, log)
     time.sleep(2)
