@@ -10,7 +10,6 @@ import gzip
 import os
 import shutil
 import tempfile
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,29 +47,35 @@ class Data:
     test: Split
 
 
+DIGITS_SPLIT = 1  # the version of _split_digits: a change to it makes the kept files stale
+
+
 def _digits() -> tuple[np.ndarray, ...]:
     """scikit-learn's 8x8 digits, split once, kept as a .npz in the user's cache folder ($XDG_CACHE_HOME or
     ~/.cache, resnet_sweep/): importing sklearn.datasets costs each process ~1.2 s of CPU, more than a short
-    trial trains, and every sweep worker pays it. Keyed by scikit-learn's version; an unreadable file is
-    made again; where the folder cannot be written, nothing is kept."""
+    trial trains, and every sweep worker pays it. Keyed by scikit-learn's version and the split's; a file
+    that cannot be read is made again; where none can be written, nothing is kept."""
     from importlib.metadata import version
 
     names = ("x_train", "x_test", "y_train", "y_test")
-    kept = _cache_folder() / f"digits-sklearn-{version('scikit-learn')}.npz"
     try:
+        kept = _cache_folder() / f"digits-sklearn-{version('scikit-learn')}-split{DIGITS_SPLIT}.npz"
         with np.load(kept) as held:
             return tuple(held[n] for n in names)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+    except Exception:  # noqa: BLE001 (missing, empty, damaged, no home folder: made again below)
         pass
     arrays = _split_digits()
-    part = kept.with_name(f".{kept.name}.{os.getpid()}")
     try:
         kept.parent.mkdir(parents=True, exist_ok=True)
-        with open(part, "wb") as out:
-            np.savez(out, **dict(zip(names, arrays)))
-        os.replace(part, kept)  # whole or not at all: parallel jobs may write it at once
-    except OSError:
-        part.unlink(missing_ok=True)
+        fd, part = tempfile.mkstemp(dir=kept.parent, prefix=f".{kept.name}.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                np.savez(out, **dict(zip(names, arrays)))
+            os.replace(part, kept)  # whole or not at all: parallel jobs may write it at once
+        finally:
+            Path(part).unlink(missing_ok=True)
+    except Exception:  # noqa: BLE001 (a read-only or missing home folder: nothing is kept)
+        pass
     return arrays
 
 

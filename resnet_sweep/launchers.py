@@ -118,16 +118,17 @@ def stop(launcher: Any) -> None:
             reusable_executor._executor.terminate(kill_workers=True)  # noqa: SLF001
 
 
-def stop_job(job: dict[str, Any]) -> str:
+def stop_job(job: dict[str, Any]) -> tuple[str, bool]:
     """Stop a trial's job wherever it runs ({"host", "pid", "slurm"}, trials.PROCESS): cancel its SLURM job,
-    or kill this process's worker (SIGKILL: a stopped or stuck process too). Says what was done."""
+    or kill this process's worker (SIGKILL: a stopped or stuck process too). Says what was done, and
+    whether a worker process of this one was killed (its pool then restarts)."""
     pid = int(job.get("pid") or 0)
     if job.get("slurm"):
         subprocess.run(["scancel", str(job["slurm"])], capture_output=True, timeout=60)
-        return f"its SLURM job {job['slurm']} was cancelled"
+        return f"its SLURM job {job['slurm']} was cancelled", False
     if job.get("host") == socket.gethostname() and kill_worker(pid):
-        return f"its worker process {pid} was killed"
-    return f"its job ({job or 'not started'}) cannot be stopped from here"
+        return f"its worker process {pid} was killed", True
+    return f"its job ({job or 'not started'}) cannot be stopped from here", False
 
 
 def kill_worker(pid: int) -> bool:

@@ -279,7 +279,7 @@ class ResnetOptunaSweeper(Sweeper):
                 try:
                     with stores.store_lock(str(self.s.storage)):  # one process at a time queues retries and asks
                         optuna.storages.fail_stale_trials(study)
-                        self._settle_stale()
+                        self._settle_stale(study)
                         self.records.queue_retries()
                         all_trials = study.get_trials(deepcopy=False)
                         done, timeout = counted(all_trials), self.limits["timeout"]
@@ -300,8 +300,8 @@ class ResnetOptunaSweeper(Sweeper):
                     for number in sorted(self._found_stale & set(self._in_flight)):
                         self._in_flight.pop(number)
                         job = self.records.find(number).user_attrs.get(trials.PROCESS) or {}
-                        what = launchers.stop_job(job)
-                        self._pool_broken_for = number if "worker process" in what else self._pool_broken_for
+                        what, killed = launchers.stop_job(job)
+                        self._pool_broken_for = number if killed else self._pool_broken_for
                         log.warning("trial %d: %s; its slot is free", number, what)
                     self._found_stale.clear()
                     for trial in batch:
@@ -465,6 +465,8 @@ class ResnetOptunaSweeper(Sweeper):
                 log.info("trial %d has ended, but its job has not come back in %.0f s: its slot is free", number, wait)
                 del self._in_flight[number]
                 self._progress(study, number)
+                if fault := self.records.find(number).user_attrs.get(trials.ENVIRONMENT):
+                    raise faults.EnvironmentStop(faults.Fault(**fault))  # as _collect: its retry would meet it
 
     def _worker_died(self, numbers: list[int], exc: BaseException) -> None:
         """A worker process died (the kernel killed it: out of memory? or this sweep did, to stop a stuck
@@ -514,15 +516,23 @@ class ResnetOptunaSweeper(Sweeper):
             log.warning("trial %d: %s; its parameters will run again", trial.number, reason)
         self._found_stale.add(trial.number)
 
-    def _settle_stale(self) -> None:
+    def _settle_stale(self, study: optuna.Study) -> None:
         """Queue the parameters of each trial _stale noted again (unless they stalled too often: then it
-        counts, FAIL), end its runs, and have _run stop its job. Under the store lock: queued once. What
-        raises (a store locked by a stopped worker) stays noted for the next turn of _run."""
-        while self._stale_todo:
-            trial, reason, status, retry = self._stale_todo[0]
-            if retry:
+        counts, FAIL), end its runs, and have _run stop its job; retries first, each once (another sweep's
+        queue_retries may have queued it meanwhile). Under the store lock. What raises (a store locked by
+        a stopped worker) stays noted for the next turn of _run. A trial in flight here that another
+        process found stale (its callback ran there) is stopped too."""
+        all_trials, noted = study.get_trials(deepcopy=False), {entry[0].number for entry in self._stale_todo}
+        self._found_stale |= {t.number for t in all_trials if t.number in self._in_flight and t.number not in noted
+                              and t.state == TrialState.FAIL and "fail_reason" not in t.user_attrs}
+        queued = trials.retried(all_trials)
+        for entry in self._stale_todo:
+            trial, reason, _, retry = entry
+            if retry and trial.number not in queued:
                 self.records.retry(trial, reason)
-                self._stale_todo[0][3] = False
+            entry[3] = False
+        while self._stale_todo:
+            trial, reason, status, _ = self._stale_todo[0]
             self._kill_run(trial.number, reason, status=status)
             self._stale_todo.pop(0)
 

@@ -79,11 +79,12 @@ def retried(trials: list[FrozenTrial]) -> set[int]:
 
 def interrupted(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of the trials stopped from outside: marked so by whoever stopped them, or found silent and
-    queued again by a sweep (a stale trial can carry no mark: Optuna fails it first). A FAIL without a
-    reason is one found silent whose sweep stopped before it queued it again: every FAIL written here has
-    one (Records.end)."""
+    queued again by a sweep (a stale trial can carry no mark: Optuna fails it first). Found silent, whose
+    sweep stopped before it queued them again: a FAIL without a reason (every FAIL written here has one:
+    Records.end), and one that stalled fewer times than counts (its watchdog marked it)."""
     return retried(trials) | {t.number for t in trials if t.state == TrialState.FAIL and (
-        t.user_attrs.get(INTERRUPTED) or "fail_reason" not in t.user_attrs)}
+        t.user_attrs.get(INTERRUPTED) or "fail_reason" not in t.user_attrs
+        or (t.user_attrs.get(STALLED) and t.system_attrs.get(STALLS, 0) < STALL_RETRIES))}
 
 
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
@@ -252,7 +253,7 @@ class JobTrial:
         self._stalled = f"no training step for {idle:.0f} s (its stall limit: {limit:.0f} s)"
         log.error("trial %d: %s; stopping it", self.number, self._stalled)
         try:
-            self.records.set(self.number, **{STALLED: True, "fail_reason": f"interrupted: {self._stalled}"})
+            self.records.set(self.number, **{"fail_reason": f"interrupted: {self._stalled}", STALLED: True})
         except Exception:  # noqa: BLE001 (the store may be why it stalled; its silence says enough)
             pass
         interrupt_main(Stalled(self._stalled))

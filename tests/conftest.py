@@ -33,6 +33,13 @@ def compose_config(*overrides: str):
     return presets.compose(list(overrides), job_name="test")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The digits split kept in a test session's own cache folder, not the user's (data.py): every process
+    the tests start inherits it."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow database as MLflow makes it, once per test process: its migrations cost ~2 s of CPU

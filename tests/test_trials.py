@@ -22,3 +22,23 @@ def test_a_trial_found_silent_whose_retry_was_never_queued_does_not_count_and_is
     records.queue_retries()
     (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
     assert retry.user_attrs["retry_of"] == silent.number and silent.number in trials.retried(study.trials)
+
+
+def test_a_stalled_trial_whose_retry_was_never_queued_runs_again_unless_its_parameters_stalled_too_often(
+        tmp_path: Path) -> None:
+    storage = trials.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    records = trials.Records(storage, "s")
+    numbers = []
+    for stalls in (0, trials.STALL_RETRIES):
+        study.enqueue_trial({}, user_attrs={})
+        trial = study.ask()
+        storage.set_trial_system_attr(records.trial_id(trial.number), trials.STALLS, stalls)
+        # what a job's watchdog writes before it stops beating, then Optuna's fail_stale_trials
+        records.set(trial.number, fail_reason="interrupted: no training step for 10 s", **{trials.STALLED: True})
+        storage.set_trial_state_values(records.trial_id(trial.number), state=TrialState.FAIL)
+        numbers.append(trial.number)
+    again, counts = numbers
+    assert [t.number for t in trials.counted(study.trials)] == [counts]
+    records.queue_retries()
+    assert [t.user_attrs["retry_of"] for t in study.trials if t.state == TrialState.WAITING] == [again]
