@@ -288,15 +288,8 @@ class ResnetOptunaSweeper(Sweeper):
                             return
                         self._check_failure_rate(study, done)
                         running = [t.number for t in all_trials if t.state == TrialState.RUNNING]
-                        # a trial in flight whose job has ended it (interrupted: a fault of the environment)
-                        # holds its place until its job comes back: its retry must not start before the sweep
-                        # has read why it ended (a server down would interrupt the retry too)
-                        busy = set(running) | (set(self._in_flight) - {t.number for t in done})
-                        slots = min(self._capacity() - len(self._in_flight), n_trials - len(done) - len(busy))
-                        if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs
-                               for t in all_trials):  # a trial whose worker died beside another's runs alone
-                            slots = min(slots, 0 if self._in_flight else 1)
-                        batch = [self._ask(study, space) for _ in range(0 if self._timed_out else max(slots, 0))]
+                        slots = 0 if self._timed_out else self._slots(all_trials, done, running)
+                        batch = [self._ask(study, space) for _ in range(slots)]
                     for number in sorted(self._found_stale & set(self._in_flight)):
                         self._in_flight.pop(number)
                         job = self.records.find(number).user_attrs.get(trials.PROCESS) or {}
@@ -327,6 +320,18 @@ class ResnetOptunaSweeper(Sweeper):
             raise
         finally:
             stop_beat()
+
+    def _slots(self, all_trials: list[optuna.trial.FrozenTrial], done: list[optuna.trial.FrozenTrial],
+               running: list[int]) -> int:
+        """How many trials to ask now: up to _capacity() in flight, and n_trials counted or running. A trial
+        in flight whose job has ended it (interrupted: a fault of the environment) holds its place until
+        its job comes back: its retry must not start before the sweep has read why it ended (a server down
+        would interrupt the retry too). A trial whose worker died beside another's runs alone."""
+        busy = set(running) | (set(self._in_flight) - {t.number for t in done})
+        slots = min(self._capacity() - len(self._in_flight), self.n_trials - len(done) - len(busy))
+        if any(t.state == TrialState.WAITING and trials.WORKER_DEATHS in t.system_attrs for t in all_trials):
+            slots = min(slots, 0 if self._in_flight else 1)
+        return max(slots, 0)
 
     def _unlock(self, exc: Exception) -> bool:
         """Whether the sweep goes on after `exc`, a store locked past SQLite's busy timeout (60 s). A worker
