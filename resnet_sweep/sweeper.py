@@ -45,7 +45,7 @@ from resnet_sweep import space as spaces
 from resnet_sweep.config import ConfigError, validate
 from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.trials import counted
-from resnet_sweep.workers import SWEEPER_PID_ENV, Terminated, install_sigterm_handler
+from resnet_sweep.workers import SWEEPER_PID_ENV, Terminated, install_sigterm_handler, uninterrupted
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
@@ -277,7 +277,8 @@ class ResnetOptunaSweeper(Sweeper):
         try:
             while True:
                 try:
-                    with stores.store_lock(str(self.s.storage)):  # one process at a time queues retries and asks
+                    # one process at a time queues retries and asks; Ctrl-C or SIGTERM waits for the block's end
+                    with stores.store_lock(str(self.s.storage)), uninterrupted():
                         optuna.storages.fail_stale_trials(study)
                         self._settle_stale(study)
                         self.records.queue_retries()

@@ -38,7 +38,7 @@ _deferred: list[int] = []  # a SIGTERM that arrived meanwhile
 
 @contextmanager
 def uninterrupted() -> Iterator[None]:
-    """A write to the study that SIGTERM must not cut in half. Why: Terminated raised between a statement
+    """A write to the study that SIGTERM or Ctrl-C must not cut in half. Why: Terminated raised between a statement
     and its commit (the handler runs as soon as SQLite's call returns) left that SQLite transaction open
     on a connection nobody closes, holding the database's write lock: the job's own clean-up, and every
     other process's writes, then waited on it (seen once in CI: a kill -9'd sweep's two workers each left
@@ -68,6 +68,8 @@ def _raise_terminated(signum: int, frame: Any) -> None:
     if _writing:
         _deferred.append(signum)
         return
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     if _pending:
         raise _pending.pop()
     if _why_terminated:
@@ -101,8 +103,13 @@ def slurm_job() -> dict[str, str]:
 
 
 def install_sigterm_handler() -> None:
+    """SIGTERM raises Terminated, and Ctrl-C KeyboardInterrupt as before, each deferred while the main
+    thread writes to a store (uninterrupted). SIGINT only where Python's own handler has it (a process
+    started in the background ignores it)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _raise_terminated)
 
 
 _job_running = threading.Event()  # set while a job trains in this process
