@@ -166,9 +166,13 @@ class SchedulerConfig:
     patience: Optional[int] = None  # plateau: epochs without improvement before lowering the lr
     min_lr: Optional[float] = None  # cosine floor and plateau floor
     monitor: Optional[Metric] = None  # plateau: the metric it watches (loss: lower is better)
+    # every scheduler: the lr rises linearly from lr/W to the scheduled lr over the first W optimizer steps,
+    # W = warmup_epochs x steps per epoch (fractions allowed); 0: no warm-up
+    warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         _own_settings_only("scheduler", self, SCHEDULER_SETTINGS)
+        _check(self.warmup_epochs >= 0, f"scheduler.warmup_epochs={self.warmup_epochs} must be >= 0 (0: no warm-up)")
         _check(self.milestones is None or all(0 < m < 1 for m in self.milestones),
                f"scheduler.milestones={self.milestones} must be fractions of the training in (0, 1)")
         _check(self.monitor is None or self.monitor.name not in ("test_acc", "test_loss"),
@@ -189,6 +193,9 @@ class TrainerConfig:
     channels_last: bool = True  # NHWC memory format for the model and each batch (BENCHMARKS.md)
     compile: bool = False  # torch.compile the model (pays only when the trial outlasts the compile time)
     grad_probe_size: int = 128  # examples in the fixed, seeded batch for the init record
+    # also test after every epoch (test_loss/test_acc per epoch: learning curves, time to an accuracy); never
+    # used to choose anything, and each epoch pays for one more pass over the test split
+    eval_test: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, f"trainer.epochs={self.epochs} must be > 0")
@@ -271,6 +278,9 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
     """
     conf = to_typed(cfg)
     assert isinstance(conf, Config)
+    _check(conf.scheduler.warmup_epochs < conf.trainer.epochs,
+           f"scheduler.warmup_epochs={conf.scheduler.warmup_epochs} must be less than trainer.epochs="
+           f"{conf.trainer.epochs}, or the net never trains at its learning rate: lower it or train longer")
     if sweep_direction is not None:
         wanted = "minimize" if conf.objective.name.endswith("loss") else "maximize"
         given = getattr(sweep_direction, "name", str(sweep_direction))

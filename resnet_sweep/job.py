@@ -12,9 +12,10 @@ import logging
 import math
 import os
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch._dynamo  # noqa: F401 (the first optimizer step imports it: here, so no stall limit cuts an import)
@@ -24,13 +25,14 @@ from omegaconf import DictConfig, open_dict
 
 from resnet_sweep import data as datasets
 from resnet_sweep import tracking
-from resnet_sweep.config import SCHEDULER_SETTINGS, Config, Metric, settings, validate
+from resnet_sweep.config import Config, validate
 from resnet_sweep.data import Data, probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.lesion import lesion_study
 from resnet_sweep.models import build_model, count_parameters, removable_blocks
 from resnet_sweep.stores import check_store
-from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, fit, resolve_device, seed_everything
+from resnet_sweep.train import (NonFiniteLoss, Schedule, build_optimizer, build_schedule, fit, resolve_device,
+                                 seed_everything)
 from resnet_sweep.trials import JobStopped, JobTrial, TrialEnded
 from resnet_sweep.workers import Stalled, cores, install_sigterm_handler, job_in_progress, label_logs, slurm_job
 
@@ -125,7 +127,7 @@ class Built:
     model: torch.nn.Module
     data: Data
     optimizer: torch.optim.Optimizer
-    scheduler: Any
+    schedule: Schedule
     gradients: GradientNorms | None
     generator: torch.Generator
     device: torch.device
@@ -143,7 +145,8 @@ def build(conf: Config, seed: int) -> Built:
              conf.model.family.name, conf.model.depth, conf.model.layout.name, conf.model.activation.name,
              conf.model.norm.name, conf.data.name.name, len(data.train), len(data.val), len(data.test), device,
              f"{count_parameters(model):,}", seed)
-    return Built(model, data, optimizer, build_scheduler(optimizer, conf.scheduler, conf.trainer.epochs),
+    steps_per_epoch = math.ceil(len(data.train) / conf.trainer.batch_size)
+    return Built(model, data, optimizer, build_schedule(optimizer, conf.scheduler, conf.trainer.epochs, steps_per_epoch),
                  GradientNorms(model) if conf.trainer.grad_norms else None, generator, device)
 
 
@@ -175,11 +178,10 @@ def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None,
             best = job_dir / "best.pt" if conf.trainer.save_best else None
             try:
                 metrics = fit(built.model if not conf.trainer.compile else torch.compile(built.model), built.data,
-                              built.optimizer, built.scheduler, conf.trainer, built.generator,
+                              built.optimizer, built.schedule, conf.trainer, built.generator,
                               augment=conf.data.augment, best_checkpoint=best, gradients=built.gradients,
-                              monitor=settings(conf.scheduler, SCHEDULER_SETTINGS).get("monitor", Metric.val_loss).name,
-                              on_epoch=on_epoch,
-                              on_step=trial.step if trial is not None else None)
+                              on_epoch=on_epoch, on_step=trial.step if trial is not None else None,
+                              progress=not sweeping and sys.stderr.isatty())  # a bar in a terminal, lines elsewhere
             except Pruned as pruned:  # the run ends normally, tagged with where it stopped; the trial is PRUNED
                 log.info("trial %d pruned after epoch %d (%s %.4g)", trial.number, pruned.epoch, conf.objective.name,
                          pruned.value)

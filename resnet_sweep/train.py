@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from resnet_sweep.config import (OPTIMIZER_SETTINGS, SCHEDULER_SETTINGS, ConfigError, OptimizerConfig, SchedulerConfig,
                                   TrainerConfig, settings)
@@ -83,19 +84,51 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> tor
     return cls(params, lr=cfg.lr, betas=tuple(own["betas"]), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int):  # noqa: ANN201
-    """A torch scheduler stepped once per epoch (None for a constant lr)."""
+def build_schedule(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int) -> Schedule:
+    """The learning-rate schedule `cfg` names, for `epochs` epochs of `steps_per_epoch` optimizer steps."""
     name, own = cfg.name.name, settings(cfg, SCHEDULER_SETTINGS)
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau | None = None
     if name == "multistep":
         milestones = sorted({max(1, round(m * epochs)) for m in own["milestones"]})
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=own["gamma"])
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=own["min_lr"])
-    if name == "plateau":
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=own["gamma"])
+    elif name == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=own["min_lr"])
+    elif name == "plateau":
         mode = "min" if own["monitor"].name.endswith("loss") else "max"
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=own["factor"],
-                                                          patience=own["patience"], min_lr=own["min_lr"])
-    return None
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=own["factor"],
+                                                               patience=own["patience"], min_lr=own["min_lr"])
+    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
+    return Schedule(opt, scheduler, warmup, own["monitor"].name if name == "plateau" else "val_loss")
+
+
+class Schedule:
+    """The learning rate of each optimizer step: the scheduler's value for the epoch (a torch scheduler,
+    stepped at each epoch's end) times a linear warm-up factor step/W over the first W steps (Goyal et al.
+    2017's gradual warm-up; He et al. 2015 warm up ResNet-110). A multiplier on whatever the scheduler set,
+    so warm-up composes with every scheduler, ReduceLROnPlateau included, and can end mid-epoch."""
+
+    def __init__(self, opt: torch.optim.Optimizer, scheduler, warmup_steps: int = 0,  # noqa: ANN001
+                 monitor: str = "val_loss") -> None:
+        self.opt, self.scheduler, self.warmup_steps, self.monitor = opt, scheduler, warmup_steps, monitor
+        self.steps = 0
+        self.scheduled = [group["lr"] for group in opt.param_groups]  # the scheduler's lr, before warm-up
+
+    def before_step(self) -> None:
+        """Set the lr of the optimizer step about to be taken."""
+        self.steps += 1
+        if self.steps <= self.warmup_steps:  # the last warm-up step trains at exactly the scheduled lr
+            for group, lr in zip(self.opt.param_groups, self.scheduled):
+                group["lr"] = lr * self.steps / self.warmup_steps
+
+    def epoch_end(self, metrics: dict[str, float]) -> None:
+        """Step the scheduler on the lr it set itself (not the warmed one), with the metric it monitors."""
+        for group, lr in zip(self.opt.param_groups, self.scheduled):
+            group["lr"] = lr
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics[self.monitor])
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        self.scheduled = [group["lr"] for group in self.opt.param_groups]
 
 
 def autocast(device: torch.device, precision: str):  # noqa: ANN201
@@ -128,7 +161,8 @@ EpochCallback = Callable[[dict[str, float], int], None]  # (metrics, epoch)
 def train_epoch(model: nn.Module, data: Data, opt: torch.optim.Optimizer, cfg: TrainerConfig,
                 generator: torch.Generator, epoch: int, augment: bool = False,
                 scaler: torch.amp.GradScaler | None = None, gradients: GradientNorms | None = None,
-                on_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                on_step: Callable[[], None] | None = None, schedule: Schedule | None = None,
+                bar: tqdm | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One pass over the training split: (summed loss, correct predictions, steps), the sums on the device
     (no host sync per step but the finite check)."""
     model.train()
@@ -154,6 +188,8 @@ def train_epoch(model: nn.Module, data: Data, opt: torch.optim.Optimizer, cfg: T
             loss.backward()
         if gradients is not None and gradients.wants(step, steps_per_epoch):
             gradients.observe()
+        if schedule is not None:
+            schedule.before_step()
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -163,25 +199,30 @@ def train_epoch(model: nn.Module, data: Data, opt: torch.optim.Optimizer, cfg: T
         correct += (out.argmax(1) == y).sum()
         if on_step is not None:
             on_step()
+        if bar is not None:
+            bar.update(len(y))
     return loss_sum, correct, step
 
 
-def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg: TrainerConfig,  # noqa: ANN001
-        generator: torch.Generator, augment: bool = False, monitor: str = "val_loss",
+def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, schedule: Schedule | None, cfg: TrainerConfig,
+        generator: torch.Generator, augment: bool = False,
         on_epoch: EpochCallback | None = None, best_checkpoint: Path | None = None,
-        gradients: GradientNorms | None = None, on_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """Train for cfg.epochs; return the final metrics, test included.
+        gradients: GradientNorms | None = None, on_step: Callable[[], None] | None = None,
+        progress: bool = False) -> dict[str, float]:
+    """Train for cfg.epochs; return the final metrics, test included. `schedule` sets each step's lr
+    (None: the optimizer's lr throughout).
 
     With `best_checkpoint`, the weights of the best-val_acc epoch are saved there (the article's
     "best model kept") and reloaded, with weights_only=True, for the test.
 
-    Each epoch's metrics (train_loss, train_acc, val_loss, val_acc, lr, epoch_seconds, samples_per_s)
-    go to `on_epoch(metrics, epoch)` as soon as the epoch ends. Raises NonFiniteLoss at the first
-    NaN/inf loss it checks (every cfg.finite_check_every steps), before that step's update.
-    With `gradients`, each epoch's metrics also carry its per-layer gradient norms. `on_step()` is called
-    after each training step (a sweep's job counts it as progress; it may raise to stop the training).
+    Each epoch's metrics (train_loss, train_acc, val_loss, val_acc, lr, epoch_seconds, samples_per_s; with
+    cfg.eval_test, test_loss and test_acc too) go to `on_epoch(metrics, epoch)` as soon as the epoch ends
+    (lr: the last step's). Raises NonFiniteLoss at the first NaN/inf loss it checks (every
+    cfg.finite_check_every steps), before that step's update. With `gradients`, each epoch's metrics also
+    carry its per-layer gradient norms. `on_step()` is called after each training step (a sweep's job
+    counts it as progress; it may raise to stop the training). With `progress`, a bar on stderr shows the
+    epoch's samples, samples/s and time left, and is cleared when the epoch's line is logged.
     """
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     device, precision = data.train.y.device, cfg.precision.name
     # fp16 needs loss scaling against underflow; bf16 has fp32's exponent range and does not
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -189,39 +230,51 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, scheduler, cfg
     metrics: dict[str, float] = {}
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        loss_sum, correct, step = train_epoch(model, data, opt, cfg, generator, epoch, augment=augment,
-                                              scaler=scaler, gradients=gradients, on_step=on_step)
-        n = len(data.train)
-        train_loss = loss_sum.item() / n
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(epoch, step, train_loss)
-        seconds = time.perf_counter() - start
-        val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, precision)
-        _check_finite(model, epoch, step, validation_loss=val_loss)
-        metrics = {
-            "train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc,
-            "lr": opt.param_groups[0]["lr"], "epoch_seconds": seconds, "samples_per_s": n / seconds,
-        }
-        if gradients is not None:
-            metrics.update(gradients.epoch_end())
-        log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%  lr %.3g  %.1f s  %.0f samples/s",
-                 epoch, cfg.epochs, train_loss, 100 * metrics["train_acc"], val_loss, 100 * val_acc,
-                 metrics["lr"], seconds, metrics["samples_per_s"])
+        with tqdm(total=len(data.train), desc=f"epoch {epoch}/{cfg.epochs}", unit="sample", unit_scale=True,
+                  leave=False, dynamic_ncols=True, disable=not progress) as bar:
+            loss_sum, correct, step = train_epoch(model, data, opt, cfg, generator, epoch, augment=augment,
+                                                  scaler=scaler, gradients=gradients, on_step=on_step,
+                                                  schedule=schedule, bar=bar if progress else None)
+        metrics = _epoch_metrics(model, data, cfg, epoch, step, loss_sum, correct, time.perf_counter() - start,
+                                 opt.param_groups[0]["lr"], gradients)
         if on_epoch is not None:
             on_epoch(metrics, epoch)
-        if best_checkpoint is not None and val_acc > best_acc:
-            best_acc = val_acc
+        if best_checkpoint is not None and metrics["val_acc"] > best_acc:
+            best_acc = metrics["val_acc"]
             # the net's own keys: a torch.compile'd model's state_dict prefixes each with "_orig_mod."
             torch.save(getattr(model, "_orig_mod", model).state_dict(), best_checkpoint)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(metrics[monitor])
-        elif scheduler is not None:
-            scheduler.step()
+        if schedule is not None:
+            schedule.epoch_end(metrics)
     if best_checkpoint is not None:
         getattr(model, "_orig_mod", model).load_state_dict(
             torch.load(best_checkpoint, map_location=data.test.y.device, weights_only=True))
-    test_loss, test_acc = evaluate(model, data.test, cfg.eval_batch_size, precision)
-    _check_finite(model, cfg.epochs, steps_per_epoch, test_loss=test_loss)
-    log.info("test loss %.4f acc %.2f%%%s", test_loss, 100 * test_acc,
+    if best_checkpoint is not None or not cfg.eval_test:  # else the last epoch's test is this one
+        metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval_batch_size, precision)
+    _check_finite(model, cfg.epochs, math.ceil(len(data.train) / cfg.batch_size), test_loss=metrics["test_loss"])
+    log.info("test loss %.4f acc %.2f%%%s", metrics["test_loss"], 100 * metrics["test_acc"],
              f" (best val_acc {100 * best_acc:.2f}% checkpoint)" if best_checkpoint is not None else "")
-    return {**metrics, "test_loss": test_loss, "test_acc": test_acc}
+    return metrics
+
+
+def _epoch_metrics(model: nn.Module, data: Data, cfg: TrainerConfig, epoch: int, step: int, loss_sum: torch.Tensor,
+                   correct: torch.Tensor, seconds: float, lr: float, gradients: GradientNorms | None) -> dict[str, float]:
+    """An epoch's metrics, logged in one line: its training sums as means, validation (and, with
+    cfg.eval_test, test) loss and accuracy, lr, speed and gradient norms."""
+    n = len(data.train)
+    train_loss = loss_sum.item() / n
+    if not math.isfinite(train_loss):
+        raise NonFiniteLoss(epoch, step, train_loss)
+    val_loss, val_acc = evaluate(model, data.val, cfg.eval_batch_size, cfg.precision.name)
+    _check_finite(model, epoch, step, validation_loss=val_loss)
+    metrics = {"train_loss": train_loss, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc,
+               "lr": lr, "epoch_seconds": seconds, "samples_per_s": n / seconds}
+    tested = ""
+    if cfg.eval_test:
+        metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval_batch_size, cfg.precision.name)
+        tested = f"  test acc {100 * metrics['test_acc']:.2f}%"
+    if gradients is not None:
+        metrics.update(gradients.epoch_end())
+    log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%%s  lr %.3g  %.1f s  %.0f samples/s",
+             epoch, cfg.epochs, train_loss, 100 * metrics["train_acc"], val_loss, 100 * val_acc, tested, lr,
+             seconds, metrics["samples_per_s"])
+    return metrics

@@ -10,7 +10,7 @@ from conftest import compose_config
 
 from resnet_sweep.config import ConfigError, to_typed, validate
 from resnet_sweep.models import build_model, weighted_layers
-from resnet_sweep.presets import CONF_DIR as CONF
+from resnet_sweep.presets import CONF_DIR as CONF, register
 
 GROUPS = ["model", "data", "optimizer", "scheduler", "trainer", "tracking"]
 
@@ -84,6 +84,7 @@ def test_unknown_choice_names_the_available_ones() -> None:
     ("optimizer=sgd optimizer.betas=[0.9,0.99]", ["optimizer.betas", "momentum, nesterov"]),
     ("scheduler=cosine scheduler.patience=3", ["scheduler.patience=3", "cosine", "takes min_lr"]),
     ("scheduler=none scheduler.monitor=train_loss", ["scheduler.monitor=train_loss", "no settings"]),
+    ("scheduler.warmup_epochs=-1", ["scheduler.warmup_epochs=-1", ">= 0"]),
 ])
 def test_invalid_values_fail_validation_naming_the_fix(override: str, words: list[str]) -> None:
     cfg = compose_config(*override.split())
@@ -105,6 +106,15 @@ def test_a_setting_a_preset_leaves_out_takes_its_documented_default() -> None:
     adam = build_optimizer(params, OptimizerConfig(name=OptimizerName.adam, lr=0.1))
     assert (sgd.defaults["momentum"], sgd.defaults["nesterov"]) == (0.9, False)
     assert adam.defaults["betas"] == (0.9, 0.999)
+
+
+def test_a_warmup_as_long_as_the_training_is_refused() -> None:
+    cfg = compose_config("trainer.epochs=2", "scheduler.warmup_epochs=2", "tracking.uri=sqlite:////tmp/m.db",
+                         "tracking.artifact_location=/tmp")
+    with pytest.raises(ConfigError, match=r"scheduler.warmup_epochs=2.0 must be less than trainer.epochs=2"):
+        validate(cfg)
+    validate(compose_config("trainer.epochs=2", "scheduler.warmup_epochs=1.5", "tracking.uri=sqlite:////tmp/m.db",
+                            "tracking.artifact_location=/tmp"))
 
 
 @pytest.mark.parametrize("objective,direction,ok", [("val_acc", "maximize", True), ("val_acc", "minimize", False),
@@ -132,3 +142,28 @@ def test_a_study_is_named_after_the_model_it_trains(overrides, params, name) -> 
     from resnet_sweep.config import study_model
 
     assert study_model("resnet20", overrides, params) == name
+
+
+def _sweep_params(*overrides: str) -> dict[str, str]:
+    from hydra import compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), job_name="test"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    return {str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}
+
+
+def test_imagenet_layout_nets_sweep_their_own_lr_range_with_warmup_and_the_command_line_wins() -> None:
+    from resnet_sweep.space import parse
+
+    for model in ("resnet34", "plain18", "resnet152"):
+        params = _sweep_params(f"model={model}")
+        assert params["optimizer.lr"] == "tag(log, interval(0.005, 0.03))", model
+        assert (params["scheduler.warmup_epochs"], params["trainer.epochs"]) == ("1", "8"), model
+    cifar = _sweep_params("model=resnet20")
+    assert cifar["optimizer.lr"] == "tag(log, interval(0.01, 0.5))" and "trainer.epochs" not in cifar
+    assert _sweep_params("model=resnet34", "search=none") == {}
+    # as the sweeper reads them: hydra.sweeper.params first, then the command line, whose value wins
+    params = _sweep_params("model=resnet34")
+    space, fixed = parse([f"{k}={v}" for k, v in params.items()] + ["trainer.epochs=3"])
+    assert "trainer.epochs=3" in fixed and "trainer.epochs=8" not in fixed and "optimizer.lr" in space

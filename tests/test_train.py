@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from resnet_sweep.config import (DataConfig, ModelConfig, Norm, OptimizerConfig,
                                  SchedulerName, TrainerConfig)
 from resnet_sweep.data import load
 from resnet_sweep.models import build_model
-from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_scheduler, evaluate, fit, seed_everything
+from resnet_sweep.train import NonFiniteLoss, build_optimizer, build_schedule, evaluate, fit, seed_everything
 
 DATA = load(DataConfig(train_subset=512), torch.device("cpu"))
 
@@ -58,13 +59,50 @@ def test_a_non_finite_loss_stops_before_its_update() -> None:
 def test_multistep_milestones_are_fractions_of_the_epochs() -> None:
     model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
     opt = build_optimizer(model.parameters(), OptimizerConfig(lr=0.1))
-    sched = build_scheduler(opt, SchedulerConfig(name=SchedulerName.multistep, milestones=[0.5, 0.75]), 20)
+    sched = build_schedule(opt, SchedulerConfig(name=SchedulerName.multistep, milestones=[0.5, 0.75]), 20, 1)
     lrs = []
     for _ in range(20):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
-        sched.step()
+        sched.epoch_end({})
     assert lrs[9] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.01) and lrs[15] == pytest.approx(0.001)
+
+
+def _step_lrs(scheduler: SchedulerConfig, epochs: int, steps_per_epoch: int, metric: float = 1.0) -> list[float]:
+    """The lr each optimizer step trains with, under `scheduler` (plateau sees `metric` every epoch)."""
+    model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
+    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=0.1))
+    schedule = build_schedule(opt, scheduler, epochs, steps_per_epoch)
+    lrs = []
+    for _ in range(epochs):
+        for _ in range(steps_per_epoch):
+            schedule.before_step()
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+        schedule.epoch_end({"val_loss": metric, "train_loss": metric})
+    return lrs
+
+
+def test_warmup_rises_linearly_over_fractional_epochs_then_follows_the_schedule() -> None:
+    # 1.5 epochs of 4 steps: 6 warm-up steps at 1/6 .. 6/6 of the scheduled lr, then cosine's per-epoch values
+    lrs = _step_lrs(SchedulerConfig(name=SchedulerName.cosine, min_lr=0.0, warmup_epochs=1.5), 4, 4)
+    assert lrs[:4] == pytest.approx([0.1 * k / 6 for k in range(1, 5)])
+    cosine = [0.05 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]  # the lr of epochs 0..3
+    assert lrs[4:6] == pytest.approx([cosine[1] * 5 / 6, cosine[1]])  # the warm-up scales epoch 1's value
+    assert lrs[6:] == pytest.approx([cosine[1]] * 2 + [cosine[2]] * 4 + [cosine[3]] * 4)
+
+
+def test_warmup_composes_with_constant_multistep_and_plateau() -> None:
+    constant = _step_lrs(SchedulerConfig(name=SchedulerName.none, warmup_epochs=0.5), 3, 4)
+    assert constant == pytest.approx([0.05, 0.1] + [0.1] * 10)
+    multistep = _step_lrs(SchedulerConfig(name=SchedulerName.multistep, milestones=[0.5], gamma=0.1,
+                                          warmup_epochs=1), 4, 2)
+    assert multistep == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01])
+    # a metric that never improves: plateau (patience 1) cuts the lr from the value it set, not the warmed one
+    plateau = _step_lrs(SchedulerConfig(name=SchedulerName.plateau, patience=1, factor=0.5, warmup_epochs=1), 4, 2)
+    assert plateau == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05])
+    none = _step_lrs(SchedulerConfig(name=SchedulerName.none), 2, 2)
+    assert none == pytest.approx([0.1] * 4)
 
 
 def test_fp16_scales_its_loss() -> None:
