@@ -7,6 +7,7 @@
 
     python -m resnet_sweep.bench [model=article] [trainer.batch_size=32] [--steps 40] [--repeats 5] [--threads 2]
     python -m resnet_sweep.bench --sweep [--cases default short degradation] [--repeats 3]   (whole sweeps)
+    python -m resnet_sweep.bench --time-to 0.99 experiment=mnist_fast data.root=...  (seconds to a test accuracy)
 
 Positional arguments are the training config's overrides (model, trainer, ...). Real MNIST is used when
 its files are found under data.root, else synthetic uint8 images shaped like MNIST (1x28x28, 10 classes),
@@ -160,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-article", action="store_true", help="skip loop (a), the slowest to time")
     parser.add_argument("--sweep", action="store_true",
                         help="measure whole sweeps instead: trials/hour, efficiency, overhead (bench_sweep.py)")
+    parser.add_argument("--time-to", type=float, metavar="ACC",
+                        help="measure instead the seconds a training command takes, start-up included, to its first "
+                             "epoch at or above this test accuracy, per seed (bench_time.py; --seeds, --limit)")
     args, overrides = parser.parse_known_args(argv)
+    if args.time_to is not None:
+        from resnet_sweep import bench_time
+
+        return bench_time.main(argv if argv is not None else sys.argv[1:])
     if args.sweep:
         from resnet_sweep import bench_sweep
 

@@ -27,3 +27,17 @@ def test_the_sweep_benchmark_prints_a_row_of_figures_read_from_a_real_sweep(work
     # 4 trials on 2 workers: one worker at least ran two, so the per-worker figure has a trial to measure
     assert math.isfinite(float(cells["in worker s/trial"])) and float(cells["in worker s/trial"]) > 0
     assert float(cells["overhead s/trial"]) > 0
+
+
+def test_time_to_accuracy_runs_the_real_command_and_reads_each_epochs_test_accuracy_back(workdir: Path) -> None:
+    common = ("--seeds", "0", "trainer.epochs=3", "model.depth=8")
+    res = run_cli(workdir, "--time-to", "0.5", *common, module="resnet_sweep.bench")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (row,) = [line for line in res.stdout.splitlines() if line.startswith("| 0 |")]
+    _, seed, seconds, epoch, test_acc, _ = row.split("|")
+    assert float(seconds) > 0 and 1 <= int(epoch) <= 3 and float(test_acc) >= 0.5
+    assert "median" in res.stdout
+    # a target no epoch reaches: said per seed, and the exit code says it too
+    res = run_cli(workdir, "--time-to", "1.0", *common, "data.train_subset=64", module="resnet_sweep.bench")
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "| 0 | not reached | - |" in res.stdout and "1 of 1 seeds did not reach 1.0" in res.stdout

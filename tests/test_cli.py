@@ -58,6 +58,41 @@ def test_a_run_is_recorded_in_mlflow(workdir: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_single_run_in_a_terminal_shows_a_progress_bar_within_each_epoch_and_tests_each_epoch(workdir: Path) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()  # the run's stdout and stderr are a terminal, as in a user's shell
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # of a terminal's size
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "resnet_sweep", "trainer.epochs=2", "data.train_subset=1024",
+                             "trainer.eval_test=true"], cwd=workdir, stdout=secondary, stderr=secondary, env=env)
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the run ended and closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(120) == 0, seen.decode(errors="replace")[-3000:]
+    text = seen.decode(errors="replace")
+    # tqdm's bar: the share done, samples so far, time spent<left, samples/s
+    assert re.search(r"epoch 1/2: +\d+%\|.*\| [\d.]+k?/1.02k \[\d\d:\d\d<\d\d:\d\d, [\d.]+k?sample/s\]", text), text[-3000:]
+    assert "epoch 2/2  train loss" in text  # and the epoch's line, as in a log
+    # not a terminal (a log file, a sweep's worker): the epoch lines alone
+    res = run_cli(workdir, *QUICK)
+    assert res.returncode == 0 and not re.search(r"k?sample/s", res.stderr) and "epoch 2/2  train loss" in res.stdout
+    (first,) = [r for r in runs(workdir) if r.data.params["trainer.eval_test"] == "True"]
+    history = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_metric_history(first.info.run_id, "test_acc")
+    assert sorted(m.step for m in history) == [1, 2]  # trainer.eval_test: a test per epoch, the last one the result
+    assert first.data.metrics["test_acc"] == max(history, key=lambda m: m.step).value
+
+
 def test_a_compiled_run_learns_and_its_checkpoint_loads_into_a_plain_model(workdir: Path) -> None:
     import torch
 

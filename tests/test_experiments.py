@@ -6,6 +6,7 @@ import re
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -111,3 +112,39 @@ def test_lesion_experiment_records_every_deletion_and_draws_its_report(workdir: 
         assert sorted(m.step for m in k) == list(range(1, min(2, len(names)) + 1))
         assert 0 <= run.data.metrics["lesion.intact_acc"] <= 1
     assert {"lesion_single.png", "lesion_k.png"} <= report_files(client, parent.info.run_id)
+
+
+SHARED_MNIST = next((p for p in (Path(__file__).resolve().parents[2] / "shared/data/mnist",
+                                 Path("/work/shared/data/mnist")) if (p / "MNIST/raw").is_dir()), None)
+
+
+def mnist_shaped_files(root: Path, train: int = 3000, test: int = 300) -> Path:
+    """Random uint8 images and labels in MNIST's IDX files, torchvision's layout (root/MNIST/raw)."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", train), ("t10k", test)):
+        header = np.array([2051, n, 28, 28], dtype=">i4").tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + rng.integers(0, 256, (n, 28, 28), np.uint8).tobytes())
+        labels = np.array([2049, n], dtype=">i4").tobytes() + rng.integers(0, 10, n, np.uint8).tobytes()
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(labels)
+    return root
+
+
+@pytest.mark.parametrize("source", ["real", "synthetic"])
+def test_mnist_fast_runs_an_epoch_of_its_recipe_on_mnist_files(workdir: Path, source: str) -> None:
+    if source == "real" and SHARED_MNIST is None:
+        pytest.skip("the real MNIST files (../shared/data/mnist) are not on this machine")
+    root = SHARED_MNIST if source == "real" else mnist_shaped_files(workdir / "fake")
+    res = run_cli(workdir, "experiment=mnist_fast", f"data.root={root}", "data.download=false", "trainer.epochs=1",
+                  "data.train_subset=1024", "data.val_subset=256")
+    assert res.returncode == 0, res.stderr[-3000:]
+    test_images = 10000 if source == "real" else 300
+    assert f"on mnist (1024 train / 256 val / {test_images} test)" in res.stdout + res.stderr
+    client = client_for(workdir)
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist_fast").experiment_id])
+    p = run.data.params
+    assert (p["model.family"], p["model.depth"], p["model.stem"], p["trainer.batch_size"]) == \
+        ("resnet", "8", "large", "256")
+    assert (p["optimizer.nesterov"], p["scheduler.name"], p["scheduler.warmup_epochs"]) == ("True", "cosine", "0.5")
+    assert run.info.status == "FINISHED" and 0 <= run.data.metrics["test_acc"] <= 1
