@@ -165,14 +165,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure instead the seconds a training command takes, start-up included, to its first "
                              "epoch at or above this test accuracy, per seed (bench_time.py; --seeds, --limit)")
     args, overrides = parser.parse_known_args(argv)
-    if args.time_to is not None:
-        from resnet_sweep import bench_time
-
-        return bench_time.main(argv if argv is not None else sys.argv[1:])
-    if args.sweep:
-        from resnet_sweep import bench_sweep
-
-        return bench_sweep.main([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--sweep"])
+    if args.time_to is not None or args.sweep:
+        return _other_bench(args.sweep, argv if argv is not None else sys.argv[1:])
     cfg = compose(["model=article", "trainer.batch_size=32", *overrides], job_name="bench")
     model_cfg, trainer = to_typed(cfg.model), to_typed(cfg.trainer)
     if args.threads:
@@ -214,6 +208,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{source} 1x28x28 data, {trainer.precision.name}, channels_last={trainer.channels_last}")
     print_table(results, device)
     return 0
+
+
+def _other_bench(sweep: bool, argv: list[str]) -> int:
+    """--sweep (bench_sweep.py) or --time-to (bench_time.py), each with its own arguments."""
+    if sweep:
+        if "--time-to" in " ".join(argv):
+            raise SystemExit("python -m resnet_sweep.bench: --sweep and --time-to measure different things; give one")
+        from resnet_sweep import bench_sweep
+
+        return bench_sweep.main([a for a in argv if a != "--sweep"])
+    from resnet_sweep import bench_time
+
+    return bench_time.main(argv)
 
 
 def print_table(results: dict[str, list[float]], device: torch.device) -> None:

@@ -5,9 +5,10 @@ accuracy reaches a target, start-up included.
 
 Each seed runs the real command, `python -m resnet_sweep OVERRIDES seed=S trainer.eval_test=true`, in its own
 process, recording into a temporary MLflow store made beforehand (as a user's mlflow.db already is). The
-bench reads each epoch's test_acc back through MlflowClient while the command trains, and stops the command
-once an epoch reaches the target. The time is that metric's timestamp minus the moment the process was
-started: Python's start, imports, data loading and the store count, and so does each epoch's test pass.
+bench reads each epoch's test accuracy (epoch_test_acc) back through MlflowClient while the command trains,
+and stops the command once an epoch reaches the target. The time is that metric's timestamp minus the
+moment the process was started: Python's start, imports, data loading and the store count, and so does
+each epoch's test pass.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ class Reached:
 
 
 def _history(client, target: float) -> tuple[list, object | None]:  # noqa: ANN001
-    """(every epoch's test_acc metric, the first one at or above target) of the store's one run."""
+    """(every epoch's test accuracy, epoch_test_acc, the first one at or above target) of the store's one run."""
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     if not runs:
         return [], None
-    history = sorted(client.get_metric_history(runs[0].info.run_id, "test_acc"), key=lambda m: (m.step, m.timestamp))
+    history = sorted(client.get_metric_history(runs[0].info.run_id, "epoch_test_acc"),
+                     key=lambda m: (m.step, m.timestamp))
     return history, next((m for m in history if m.value >= target), None)
 
 
@@ -74,7 +76,7 @@ def time_to(target: float, overrides: list[str], seed: int, limit_s: float, work
                           f"(its log: {workdir / 'log.txt'})", file=sys.stderr)
                     proc.kill()
                     proc.wait()
-    if proc.returncode not in (0, -15, 143) and hit is None:
+    if proc.returncode not in (0, -9, -15, 143) and hit is None:  # stopped at --limit: not reached
         tail = (workdir / "log.txt").read_text().strip().splitlines()[-5:]
         raise SystemExit(f"seed {seed}: the command failed (exit {proc.returncode}):\n  " + "\n  ".join(tail))
     if hit is None:

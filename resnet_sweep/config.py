@@ -278,9 +278,6 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
     """
     conf = to_typed(cfg)
     assert isinstance(conf, Config)
-    _check(conf.scheduler.warmup_epochs < conf.trainer.epochs,
-           f"scheduler.warmup_epochs={conf.scheduler.warmup_epochs} must be less than trainer.epochs="
-           f"{conf.trainer.epochs}, or the net never trains at its learning rate: lower it or train longer")
     if sweep_direction is not None:
         wanted = "minimize" if conf.objective.name.endswith("loss") else "maximize"
         given = getattr(sweep_direction, "name", str(sweep_direction))

@@ -240,8 +240,7 @@ def record_end(run: tracking.JobRun | None, conf: Config, built: Built, metrics:
                best: Path | None, seed: int) -> None:
     """The test metrics, the run's name with its result, the best checkpoint, and the lesion study."""
     if run is not None:
-        if best is not None or not conf.trainer.eval_test:  # else the last epoch logged this very test
-            run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
+        run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
         value = metrics[conf.objective.name]
         run.name_result(f"{100 * value:.1f}%" if conf.objective.name.endswith("acc") else f"loss {value:.4g}")
         if best is not None:

@@ -427,7 +427,9 @@ class JobRun:
             raise self._write_failed[0]
         try:
             # MLflow takes metrics for an ended run too: a job stopped for minutes (SIGSTOP) whose run a sweep
-            # ended meanwhile would add the epochs it held when it wakes. One read per write (every few s).
+            # ended meanwhile would add the epochs it held when it wakes. One read per write (every few s). A job
+            # stopped in the milliseconds between this read and the write still writes its batch on waking:
+            # closing that would take a lock a stopped job could hold forever.
             if (status := self.client.get_run(self.run_id).info.status) != "RUNNING":
                 raise RunEnded(f"MLflow run {self.run_id} was ended by another process ({status})")
             self.client.log_batch(self.run_id, metrics=items)

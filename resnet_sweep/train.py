@@ -98,6 +98,10 @@ def build_schedule(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=mode, factor=own["factor"],
                                                                patience=own["patience"], min_lr=own["min_lr"])
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
+    if warmup >= epochs * steps_per_epoch:
+        log.warning("scheduler.warmup_epochs=%g is as long as the training (trainer.epochs=%d): the learning rate "
+                    "rises throughout and never reaches optimizer.lr; lower the warm-up or train longer",
+                    cfg.warmup_epochs, epochs)
     return Schedule(opt, scheduler, warmup, own["monitor"].name if name == "plateau" else "val_loss")
 
 
@@ -216,7 +220,7 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, schedule: Sche
     "best model kept") and reloaded, with weights_only=True, for the test.
 
     Each epoch's metrics (train_loss, train_acc, val_loss, val_acc, lr, epoch_seconds, samples_per_s; with
-    cfg.eval_test, test_loss and test_acc too) go to `on_epoch(metrics, epoch)` as soon as the epoch ends
+    cfg.eval_test, epoch_test_loss and epoch_test_acc too) go to `on_epoch(metrics, epoch)` as soon as the epoch ends
     (lr: the last step's). Raises NonFiniteLoss at the first NaN/inf loss it checks (every
     cfg.finite_check_every steps), before that step's update. With `gradients`, each epoch's metrics also
     carry its per-layer gradient norms. `on_step()` is called after each training step (a sweep's job
@@ -248,7 +252,9 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, schedule: Sche
     if best_checkpoint is not None:
         getattr(model, "_orig_mod", model).load_state_dict(
             torch.load(best_checkpoint, map_location=data.test.y.device, weights_only=True))
-    if best_checkpoint is not None or not cfg.eval_test:  # else the last epoch's test is this one
+    if best_checkpoint is None and cfg.eval_test:  # the last epoch's test is the result
+        metrics["test_loss"], metrics["test_acc"] = metrics["epoch_test_loss"], metrics["epoch_test_acc"]
+    else:
         metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval_batch_size, precision)
     _check_finite(model, cfg.epochs, math.ceil(len(data.train) / cfg.batch_size), test_loss=metrics["test_loss"])
     log.info("test loss %.4f acc %.2f%%%s", metrics["test_loss"], 100 * metrics["test_acc"],
@@ -270,8 +276,9 @@ def _epoch_metrics(model: nn.Module, data: Data, cfg: TrainerConfig, epoch: int,
                "lr": lr, "epoch_seconds": seconds, "samples_per_s": n / seconds}
     tested = ""
     if cfg.eval_test:
-        metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval_batch_size, cfg.precision.name)
-        tested = f"  test acc {100 * metrics['test_acc']:.2f}%"
+        metrics["epoch_test_loss"], metrics["epoch_test_acc"] = evaluate(model, data.test, cfg.eval_batch_size,
+                                                                          cfg.precision.name)
+        tested = f"  test acc {100 * metrics['epoch_test_acc']:.2f}%"
     if gradients is not None:
         metrics.update(gradients.epoch_end())
     log.info("epoch %d/%d  train loss %.4f acc %.2f%%  val loss %.4f acc %.2f%%%s  lr %.3g  %.1f s  %.0f samples/s",

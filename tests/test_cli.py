@@ -88,9 +88,11 @@ def test_a_single_run_in_a_terminal_shows_a_progress_bar_within_each_epoch_and_t
     res = run_cli(workdir, *QUICK)
     assert res.returncode == 0 and not re.search(r"k?sample/s", res.stderr) and "epoch 2/2  train loss" in res.stdout
     (first,) = [r for r in runs(workdir) if r.data.params["trainer.eval_test"] == "True"]
-    history = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_metric_history(first.info.run_id, "test_acc")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    history = client.get_metric_history(first.info.run_id, "epoch_test_acc")
     assert sorted(m.step for m in history) == [1, 2]  # trainer.eval_test: a test per epoch, the last one the result
-    assert first.data.metrics["test_acc"] == max(history, key=lambda m: m.step).value
+    (result,) = client.get_metric_history(first.info.run_id, "test_acc")
+    assert (result.step, result.value) == (2, max(history, key=lambda m: m.step).value)
 
 
 def test_a_compiled_run_learns_and_its_checkpoint_loads_into_a_plain_model(workdir: Path) -> None:

@@ -53,8 +53,9 @@ class Cluster:
     def slurm(self, *cmd: str) -> str:
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=True, timeout=30).stdout
 
-    def accounting(self, job_ids: set[str], timeout: float = 60) -> dict[str, str]:
-        """sacct's final state of each job in `job_ids` (accounting lags a little behind the jobs)."""
+    def accounting(self, job_ids: set[str], timeout: float = 180) -> dict[str, str]:
+        """sacct's final state of each job in `job_ids` (accounting lags behind the jobs: over 60 s was seen on
+        a loaded CI machine)."""
         deadline = time.monotonic() + timeout
         while True:
             lines = self.slurm("sacct", "-n", "-X", "-P", "-o", "JobID,State").split()

@@ -108,15 +108,6 @@ def test_a_setting_a_preset_leaves_out_takes_its_documented_default() -> None:
     assert adam.defaults["betas"] == (0.9, 0.999)
 
 
-def test_a_warmup_as_long_as_the_training_is_refused() -> None:
-    cfg = compose_config("trainer.epochs=2", "scheduler.warmup_epochs=2", "tracking.uri=sqlite:////tmp/m.db",
-                         "tracking.artifact_location=/tmp")
-    with pytest.raises(ConfigError, match=r"scheduler.warmup_epochs=2.0 must be less than trainer.epochs=2"):
-        validate(cfg)
-    validate(compose_config("trainer.epochs=2", "scheduler.warmup_epochs=1.5", "tracking.uri=sqlite:////tmp/m.db",
-                            "tracking.artifact_location=/tmp"))
-
-
 @pytest.mark.parametrize("objective,direction,ok", [("val_acc", "maximize", True), ("val_acc", "minimize", False),
                                                     ("val_loss", "minimize", True), ("train_loss", "maximize", False)])
 def test_a_sweep_direction_must_match_its_objective(objective: str, direction: str, ok: bool) -> None:
@@ -144,26 +135,24 @@ def test_a_study_is_named_after_the_model_it_trains(overrides, params, name) -> 
     assert study_model("resnet20", overrides, params) == name
 
 
-def _sweep_params(*overrides: str) -> dict[str, str]:
+def _composed(*overrides: str):  # noqa: ANN202
     from hydra import compose, initialize_config_dir
 
     register()
     with initialize_config_dir(config_dir=str(CONF), job_name="test"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    return {str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
-def test_imagenet_layout_nets_sweep_their_own_lr_range_with_warmup_and_the_command_line_wins() -> None:
-    from resnet_sweep.space import parse
-
+def test_imagenet_layout_nets_take_their_own_recipe_and_lr_range_and_the_command_line_wins() -> None:
     for model in ("resnet34", "plain18", "resnet152"):
-        params = _sweep_params(f"model={model}")
-        assert params["optimizer.lr"] == "tag(log, interval(0.005, 0.03))", model
-        assert (params["scheduler.warmup_epochs"], params["trainer.epochs"]) == ("1", "8"), model
-    cifar = _sweep_params("model=resnet20")
-    assert cifar["optimizer.lr"] == "tag(log, interval(0.01, 0.5))" and "trainer.epochs" not in cifar
-    assert _sweep_params("model=resnet34", "search=none") == {}
-    # as the sweeper reads them: hydra.sweeper.params first, then the command line, whose value wins
-    params = _sweep_params("model=resnet34")
-    space, fixed = parse([f"{k}={v}" for k, v in params.items()] + ["trainer.epochs=3"])
-    assert "trainer.epochs=3" in fixed and "trainer.epochs=8" not in fixed and "optimizer.lr" in space
+        cfg = _composed(f"model={model}")
+        assert cfg.hydra.sweeper.params["optimizer.lr"] == "tag(log, interval(0.005, 0.03))", model
+        assert (cfg.trainer.epochs, cfg.scheduler.warmup_epochs) == (8, 1), model
+        assert cfg.hydra.sweeper.params["optimizer.weight_decay"] == "tag(log, interval(1e-5, 1e-3))", model
+    cifar = _composed("model=resnet20")
+    assert cifar.hydra.sweeper.params["optimizer.lr"] == "tag(log, interval(0.01, 0.5))"
+    assert (cifar.trainer.epochs, cifar.scheduler.warmup_epochs) == (15, 0)
+    dropped = _composed("model=resnet34", "search=none")
+    assert not dropped.hydra.sweeper.params and dropped.trainer.epochs == 15
+    given = _composed("model=resnet34", "trainer.epochs=3", "scheduler.warmup_epochs=0.5")
+    assert (given.trainer.epochs, given.scheduler.warmup_epochs) == (3, 0.5)

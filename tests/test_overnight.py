@@ -160,11 +160,26 @@ def stop_between_writes(pid: int, workdir: Path) -> None:
         time.sleep(0.05)
 
 
+def wait_for_a_write(workdir: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until trial 0's run holds an epoch in the store: its job's writes come WRITE_EVERY_S apart, so a stop
+    right after one lands between writes, not in the moment between a write's check that the run still
+    runs and its batch (a window a stop can only hit there, which a lock-free check cannot close)."""
+    client, deadline = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}"), time.monotonic() + timeout
+    while True:
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, filter_string="tags.`optuna.trial` = '0'") if ids else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "val_acc"):
+            return
+        assert proc.poll() is None and time.monotonic() < deadline, "trial 0's run recorded no epoch"
+        time.sleep(0.05)
+
+
 def test_a_job_that_wakes_after_its_trial_was_settled_records_nothing_over_it(workdir: Path) -> None:
     command = ("-m", "workers=serial", "trainer.epochs=40", "data.train_subset=512", "hydra.sweeper.n_trials=2",
                "hydra.sweeper.study_name=S", *FAST_HEARTBEAT)
     first, log = start(workdir, *command)
     wait_for_epochs(log, "sweep.trial=0", 3, first)
+    wait_for_a_write(workdir, first)
     stop_between_writes(first.pid, workdir)  # the sweep and its job (serial: one process) stop mid-trial
     try:
         second = run_cli(workdir, *command)  # finds trial 0 silent, retries it elsewhere, finishes the study

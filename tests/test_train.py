@@ -95,14 +95,24 @@ def test_warmup_rises_linearly_over_fractional_epochs_then_follows_the_schedule(
 def test_warmup_composes_with_constant_multistep_and_plateau() -> None:
     constant = _step_lrs(SchedulerConfig(name=SchedulerName.none, warmup_epochs=0.5), 3, 4)
     assert constant == pytest.approx([0.05, 0.1] + [0.1] * 10)
+    # 2.5 epochs of 2 steps warm up over 5 steps, past the schedulers' first cut at the end of epoch 2: each
+    # cuts from the lr it set (0.1), not from the warmed one (0.08)
     multistep = _step_lrs(SchedulerConfig(name=SchedulerName.multistep, milestones=[0.5], gamma=0.1,
-                                          warmup_epochs=1), 4, 2)
-    assert multistep == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01])
-    # a metric that never improves: plateau (patience 1) cuts the lr from the value it set, not the warmed one
-    plateau = _step_lrs(SchedulerConfig(name=SchedulerName.plateau, patience=1, factor=0.5, warmup_epochs=1), 4, 2)
-    assert plateau == pytest.approx([0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05])
+                                          warmup_epochs=2.5), 4, 2)
+    assert multistep == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.01, 0.01, 0.01, 0.01])
+    # a metric that never improves: plateau (patience 0) halves the lr at the end of every epoch after the first
+    plateau = _step_lrs(SchedulerConfig(name=SchedulerName.plateau, patience=0, factor=0.5, warmup_epochs=2.5), 4, 2)
+    assert plateau == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.05, 0.05, 0.025, 0.025])
     none = _step_lrs(SchedulerConfig(name=SchedulerName.none), 2, 2)
     assert none == pytest.approx([0.1] * 4)
+
+
+def test_a_warmup_as_long_as_the_training_says_the_lr_never_peaks(caplog: pytest.LogCaptureFixture) -> None:
+    _step_lrs(SchedulerConfig(name=SchedulerName.cosine, warmup_epochs=2), 2, 2)
+    assert "scheduler.warmup_epochs=2 is as long as the training (trainer.epochs=2)" in caplog.text
+    caplog.clear()
+    _step_lrs(SchedulerConfig(name=SchedulerName.cosine, warmup_epochs=1.5), 2, 2)
+    assert "warmup_epochs" not in caplog.text
 
 
 def test_fp16_scales_its_loss() -> None:
