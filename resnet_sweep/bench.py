@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 def _other_bench(sweep: bool, argv: list[str]) -> int:
     """--sweep (bench_sweep.py) or --time-to (bench_time.py), each with its own arguments."""
     if sweep:
-        if "--time-to" in " ".join(argv):
+        if any(a.startswith("--time-to") for a in argv):
             raise SystemExit("python -m resnet_sweep.bench: --sweep and --time-to measure different things; give one")
         from resnet_sweep import bench_sweep
 

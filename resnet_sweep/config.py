@@ -193,7 +193,7 @@ class TrainerConfig:
     channels_last: bool = True  # NHWC memory format for the model and each batch (BENCHMARKS.md)
     compile: bool = False  # torch.compile the model (pays only when the trial outlasts the compile time)
     grad_probe_size: int = 128  # examples in the fixed, seeded batch for the init record
-    # also test after every epoch (test_loss/test_acc per epoch: learning curves, time to an accuracy); never
+    # also test after every epoch (epoch_test_loss/epoch_test_acc: learning curves, time to an accuracy); never
     # used to choose anything, and each epoch pays for one more pass over the test split
     eval_test: bool = False
 

@@ -32,7 +32,7 @@ from resnet_sweep.lesion import lesion_study
 from resnet_sweep.models import build_model, count_parameters, removable_blocks
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import (NonFiniteLoss, Schedule, build_optimizer, build_schedule, fit, resolve_device,
-                                 seed_everything)
+                                 seed_everything, steps_per_epoch)
 from resnet_sweep.trials import JobStopped, JobTrial, TrialEnded
 from resnet_sweep.workers import Stalled, cores, install_sigterm_handler, job_in_progress, label_logs, slurm_job
 
@@ -145,8 +145,8 @@ def build(conf: Config, seed: int) -> Built:
              conf.model.family.name, conf.model.depth, conf.model.layout.name, conf.model.activation.name,
              conf.model.norm.name, conf.data.name.name, len(data.train), len(data.val), len(data.test), device,
              f"{count_parameters(model):,}", seed)
-    steps_per_epoch = math.ceil(len(data.train) / conf.trainer.batch_size)
-    return Built(model, data, optimizer, build_schedule(optimizer, conf.scheduler, conf.trainer.epochs, steps_per_epoch),
+    schedule = build_schedule(optimizer, conf.scheduler, conf.trainer.epochs, steps_per_epoch(data, conf.trainer.batch_size))
+    return Built(model, data, optimizer, schedule,
                  GradientNorms(model) if conf.trainer.grad_norms else None, generator, device)
 
 

@@ -162,6 +162,11 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, precision: str = "
 EpochCallback = Callable[[dict[str, float], int], None]  # (metrics, epoch)
 
 
+def steps_per_epoch(data: Data, batch_size: int) -> int:
+    """Optimizer steps in one pass over the training split (the last batch may be smaller)."""
+    return math.ceil(len(data.train) / batch_size)
+
+
 def train_epoch(model: nn.Module, data: Data, opt: torch.optim.Optimizer, cfg: TrainerConfig,
                 generator: torch.Generator, epoch: int, augment: bool = False,
                 scaler: torch.amp.GradScaler | None = None, gradients: GradientNorms | None = None,
@@ -171,7 +176,7 @@ def train_epoch(model: nn.Module, data: Data, opt: torch.optim.Optimizer, cfg: T
     (no host sync per step but the finite check)."""
     model.train()
     device, precision = data.train.y.device, cfg.precision.name
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    steps = steps_per_epoch(data, cfg.batch_size)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for step, (x, y) in enumerate(batches(data.train, cfg.batch_size, generator, shuffle=True), 1):
@@ -190,7 +195,7 @@ def train_epoch(model: nn.Module, data: Data, opt: torch.optim.Optimizer, cfg: T
             scaler.unscale_(opt)  # true gradients for the diagnostics; step skips inf/nan ones
         else:
             loss.backward()
-        if gradients is not None and gradients.wants(step, steps_per_epoch):
+        if gradients is not None and gradients.wants(step, steps):
             gradients.observe()
         if schedule is not None:
             schedule.before_step()
@@ -256,7 +261,7 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, schedule: Sche
         metrics["test_loss"], metrics["test_acc"] = metrics["epoch_test_loss"], metrics["epoch_test_acc"]
     else:
         metrics["test_loss"], metrics["test_acc"] = evaluate(model, data.test, cfg.eval_batch_size, precision)
-    _check_finite(model, cfg.epochs, math.ceil(len(data.train) / cfg.batch_size), test_loss=metrics["test_loss"])
+    _check_finite(model, cfg.epochs, steps_per_epoch(data, cfg.batch_size), test_loss=metrics["test_loss"])
     log.info("test loss %.4f acc %.2f%%%s", metrics["test_loss"], 100 * metrics["test_acc"],
              f" (best val_acc {100 * best_acc:.2f}% checkpoint)" if best_checkpoint is not None else "")
     return metrics
