@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
@@ -246,6 +246,42 @@ class LesionConfig:
         _check(self.max_removed >= 1, f"lesion.max_removed={self.max_removed} must be >= 1")
 
 
+# What a claim may compare: the objective metrics after the last epoch, the first/last weight-gradient norm
+# ratio after the last epoch and at initialisation, a lesioned net's intact accuracy and the mean accuracy
+# one deleted block costs it (report.py derives the last two from what the run recorded).
+CLAIM_METRICS = (*Metric.__members__, "grad_ratio_first_last", "grad_ratio_at_init", "lesion.intact_acc",
+                 "lesion.single_drop")
+
+
+@dataclass
+class ClaimConfig:
+    """A finding an experiment states as data, checked by the report on every run of it (claims.py):
+    mean(metric over runs `a`) - mean(over runs `b`) is below -by or above +by, with 95 % confidence."""
+
+    says: str = ""  # the claim in words
+    metric: str = "train_acc"
+    a: dict[str, Any] = field(default_factory=dict)  # config values picking runs, e.g. {model: {depth: max}}
+    b: dict[str, Any] = field(default_factory=dict)
+    a_is: str = "below"  # below | above
+    by: float = 0.0  # margin, >= 0 (with scale log10: orders of magnitude)
+    scale: str = "linear"  # linear | log10 (for ratios)
+
+    def check(self, name: str, cfg: DictConfig) -> None:
+        """Refuse what can never be evaluated, naming claims.<name> (the keys of a and b must exist in cfg)."""
+        at = f"claims.{name}"
+        _check(self.metric in CLAIM_METRICS, f"{at}.metric={self.metric!r}: choose one of {', '.join(CLAIM_METRICS)}")
+        _check(self.a_is in ("below", "above"), f"{at}.a_is={self.a_is!r}: choose below or above")
+        _check(self.scale in ("linear", "log10"), f"{at}.scale={self.scale!r}: choose linear or log10")
+        _check(isinstance(self.by, (int, float)) and self.by >= 0, f"{at}.by={self.by}: a margin >= 0 (a_is says on which side)")
+        for side in ("a", "b"):
+            _check(bool(getattr(self, side)), f"{at}.{side} is empty: give the config values that pick its runs, "
+                                              f"e.g. {side}: {{model: {{family: plain, depth: max}}}}")
+            for key in _leaves(getattr(self, side)):
+                _check(OmegaConf.select(cfg, key, default=MISSING) is not MISSING,
+                       f"{at}.{side} picks runs by {key}, which is not a config key: use keys that "
+                       f"`python -m resnet_sweep --cfg job` shows, e.g. model.depth")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -259,6 +295,9 @@ class Config:
     seed: int = 0
     objective: Metric = Metric.val_acc  # what the task returns to the sweeper (after the last epoch)
     report: bool = False  # draw the report (resnet_sweep.report) when a sweep ends
+    # findings checked at a sweep's end (claims.py); untyped here (OmegaConf refuses a dict assigned to a
+    # dataclass value, as `+claims.x={...}` on the command line does): validate types each as ClaimConfig
+    claims: dict[str, Any] = field(default_factory=dict)
 
 
 def to_typed(node: DictConfig) -> Any:
@@ -278,12 +317,22 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
     """
     conf = to_typed(cfg)
     assert isinstance(conf, Config)
+    for name, claim in conf.claims.items():
+        known = {f.name for f in fields(ClaimConfig)}
+        _check(isinstance(claim, dict) and set(claim) <= known,
+               f"claims.{name}: a claim takes {', '.join(sorted(known))}; got {claim!r}")
+        ClaimConfig(**claim).check(name, cfg)
     if sweep_direction is not None:
         wanted = "minimize" if conf.objective.name.endswith("loss") else "maximize"
         given = getattr(sweep_direction, "name", str(sweep_direction))
         _check(given == wanted, f"objective={conf.objective.name} should be {wanted}d but "
                                 f"hydra.sweeper.direction={given}; set hydra.sweeper.direction={wanted}")
     return conf
+
+
+def _leaves(node: Any, prefix: str = "") -> list[str]:
+    return [leaf for k, v in node.items() for leaf in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict)
+                                                        else [f"{prefix}{k}"])]
 
 
 def short_hash(value: Any) -> str:

@@ -12,11 +12,15 @@ of that run. Which figures it draws depends on what the runs vary:
 - accuracy_per_epoch.png: validation accuracy per epoch for one run (the seed article's plot);
 - lesion_single.png, lesion_k.png: test accuracy with each block deleted, and with k random blocks
   deleted, plain vs resnet, one panel per depth (Veit et al. 2016), when runs carry lesion metrics.
+A sweep's claims (its experiment's `claims:`, claims.py) get a verdict each, in summary.md and printed, and
+tagged claim.<name> on its run. `--compare A B [...]` puts several sweeps on the same axes and side by side
+in one table, labelled by the settings that differ between them, logged as a run of experiment `comparisons`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import statistics
@@ -24,6 +28,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -32,6 +37,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
+
+from resnet_sweep import claims as claim_checks  # noqa: E402
 
 GRAD = re.compile(r"weight_grad/(\d+)$")
 RATIO = "grad_ratio_first_last"
@@ -67,7 +74,12 @@ class Trial:
 def _load(client: MlflowClient, run: Run, with_grads: bool = True) -> Trial:
     keys = [k for k in run.data.metrics if with_grads or not GRAD.match(k)]
     history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in keys}
-    return Trial(run.info.run_id, run.info.status, dict(run.data.params), dict(run.data.metrics), history)
+    final = dict(run.data.metrics)
+    if 0 in history.get(RATIO, {}):  # what claims may compare beyond the final metrics (config.CLAIM_METRICS)
+        final["grad_ratio_at_init"] = history[RATIO][0]
+    if (single := history.get("lesion.single_acc")) and "lesion.intact_acc" in final:
+        final["lesion.single_drop"] = final["lesion.intact_acc"] - statistics.fmean(single.values())
+    return Trial(run.info.run_id, run.info.status, dict(run.data.params), final, history)
 
 
 def find_runs(client: MlflowClient, experiment: str | None, run_id: str | None) -> tuple[Run, list[Run]]:
@@ -153,12 +165,11 @@ def depth_vs_accuracy(trials: list[Trial], out: Path, title: str) -> Path:
     return _save(fig, out / "depth_vs_accuracy.png", title)
 
 
-def training_curves(trials: list[Trial], out: Path, title: str) -> Path:
-    families = sorted({t.params.get("model.family", "") for t in trials})
+def _training_axes(axes: Any, trials: list[Trial], families: list[str], note: str = "") -> None:
+    """Training and validation error per epoch on one row of axes, a panel per family, a line per depth."""
     depths = sorted({int(t.params.get("model.depth", 0)) for t in trials})
     cmap = plt.get_cmap("viridis")
-    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.2), sharey=True, squeeze=False)
-    for ax, family in zip(axes[0], families):
+    for ax, family in zip(axes, families):
         for i, depth in enumerate(depths):
             group = [t for t in trials if t.params.get("model.family") == family
                      and int(t.params.get("model.depth", 0)) == depth]
@@ -169,11 +180,17 @@ def training_curves(trials: list[Trial], out: Path, title: str) -> Path:
                 epochs = sorted(set.intersection(*(set(t.history.get(metric, {})) for t in group)))
                 mean = [statistics.fmean(100 * (1 - t.history[metric][e]) for t in group) for e in epochs]
                 ax.plot(epochs, mean, style, color=color, label=f"{depth} layers" if metric == "train_acc" else None)
-        ax.set(title=f"{family}: solid = training*, dashed = validation", xlabel="epoch", ylabel="error (%)")
+        ax.set(title=f"{note}{family}: solid = training*, dashed = validation", xlabel="epoch", ylabel="error (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(title="depth", fontsize=8)
+
+
+def training_curves(trials: list[Trial], out: Path, title: str) -> Path:
+    families = sorted({t.params.get("model.family", "") for t in trials})
+    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 4.2), sharey=True, squeeze=False)
+    _training_axes(axes[0], trials, families)
     fig.text(0.5, 0.01, TRAINING_CURVE_NOTE, ha="center", fontsize=8)
     return _save(fig, out / "training_curves.png", title, rect=(0, 0.04, 1, 1))
 
@@ -339,6 +356,32 @@ def to_markdown(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdicts(top: Run, trials: list[Trial]) -> tuple[dict[str, Any], list[claim_checks.Verdict]]:
+    """The claims recorded on a sweep's run (its experiment's `claims:`) and their verdicts on its trials;
+    a run that did not finish counts as one without the metric."""
+    specs = json.loads(top.data.tags.get(claim_checks.CLAIMS_TAG, "{}"))
+    done = [t.final if t.status == "FINISHED" else {} for t in trials]
+    return specs, claim_checks.check_all(specs, [t.params for t in trials], done)
+
+
+def claims_section(client: MlflowClient, top: Run, trials: list[Trial]) -> list[str]:
+    """summary.md's claims table; each verdict printed and tagged claim.<name> on the sweep's run."""
+    specs, found = verdicts(top, trials)
+    if not found:
+        return []
+    for v in found:
+        client.set_tag(top.info.run_id, claim_checks.VERDICT_TAG.format(v.name), v.verdict)
+    for v in found:
+        print(f"claim {v.name}: {v.verdict.upper()} - {v.says}; a - b = {v.interval()} (runs {v.n_a} / {v.n_b})")
+    return ["## Claims", "", CLAIMS_NOTE, "", to_markdown(claim_checks.table(found, specs))]
+
+
+CLAIMS_NOTE = ("Effect = mean over runs `a` minus mean over runs `b`, with Welch's 95 % t interval over the runs "
+               "on each side (their seeds, and the settings the claim leaves free); *holds*: the whole interval "
+               "is past the threshold, *does not hold*: none of it is, *undecided*: it crosses it, or one side "
+               "has a single run (no interval exists). The claims are the experiment's `claims:` (conf/experiment/).")
+
+
 def write_report(uri: str, experiment: str | None = None, run_id: str | None = None, sweep_run_id: str | None = None,
                  out_root: Path = Path("outputs/reports")) -> Path:
     """Draw the report of one run or sweep; return its folder."""
@@ -373,6 +416,7 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
           + ("Accuracies are means ± std over seeds" if _seeds(_groups(trials, keys)) > 1 else
              "Accuracies are of one run per setting") + ", at the last epoch; grad ratio = first-layer over "
           "last-layer weight-gradient norm (median over seeds), at init and at the last epoch.", "", table]
+    md += claims_section(client, top, trials)
     if lesions:
         md += ["Test accuracy (%) of each trained net intact, with one deletable block deleted (mean and worst "
                "over the blocks), and with k random blocks deleted (mean over draws):", "", lesions]
@@ -388,6 +432,179 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
     return out
 
 
+# --compare: several sweeps side by side. What a label may name: a setting constant within each sweep that
+# differs between them (data.name=digits vs fashion_mnist); not what every sweep sets per trial.
+NOT_A_SETTING = ("sweep.", "tracking.", "seed", "model.num_parameters", "device", "trainer.device")
+SWEEP_STYLES = ("-", "--", ":", "-.")
+SWEEP_MARKERS = ("o", "s", "^", "D")
+LINE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+
+
+@dataclass
+class Sweep:
+    """One sweep of a comparison: its run, its trials and the label that tells it apart."""
+
+    top: Run
+    trials: list[Trial]
+    label: str = ""
+
+
+def resolve(client: MlflowClient, ref: str) -> Run:
+    """A sweep's run from a run id, an experiment name (its latest sweep) or an Optuna study name."""
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        return client.get_run(ref)
+    exps = client.search_experiments()
+    by_exp = [e.experiment_id for e in exps if e.name == ref]
+    where = "tags.role = 'sweep'" + ("" if by_exp else f" and tags.`optuna.study` = '{ref}'")
+    found = client.search_runs(by_exp or [e.experiment_id for e in exps], where,
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if not found:
+        raise SystemExit(f"--compare {ref}: no sweep with that run id, experiment name or study name; experiments: "
+                         f"{', '.join(e.name for e in exps)} (a sweep's run id is its parent run's, in the MLflow UI)")
+    return found[0]
+
+
+def _labels(sweeps: list[Sweep]) -> None:
+    """Label each sweep by the settings that differ between them (each constant within its sweep)."""
+    values = [{k: {t.params.get(k) for t in s.trials} for k in {k for t in s.trials for k in t.params}} for s in sweeps]
+    keys = sorted({k for v in values for k in v})
+    differ = [k for k in keys if not k.startswith(NOT_A_SETTING) and all(len(v.get(k, {None})) == 1 for v in values)
+              and len({next(iter(v.get(k, {None}))) for v in values}) > 1]
+    for sweep, v in zip(sweeps, values):
+        named = ", ".join(f"{k}={next(iter(v.get(k, {None})))}" for k in differ[:4])
+        sweep.label = named or f"{sweep.top.info.run_id[:8]}"
+
+
+def _band(ax: Any, x: list[int], values: list[list[float]], **style: Any) -> None:
+    """The mean over seeds as a line, its 95 % t interval as a band (none with one seed)."""
+    stats = [claim_checks.mean_interval(v) for v in values]
+    ax.plot(x, [m for m, _, _ in stats], **style)
+    if all(lo is not None for _, lo, _ in stats):
+        ax.fill_between(x, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], color=style.get("color"),
+                        alpha=0.12)
+
+
+def compare_depth(sweeps: list[Sweep], out: Path) -> Path:
+    fig, (ax_train, ax_test) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, sweep in enumerate(sweeps):
+        done = [t for t in sweep.trials if t.status == "FINISHED" and "train_acc" in t.final]
+        for (family,), group in sorted(_groups(done, ("model.family",)).items()):
+            by_depth = _groups(group, ("model.depth",))
+            depths = sorted(by_depth, key=lambda d: int(d[0]))
+            style = {"color": FAMILY_COLOR.get(family), "linestyle": SWEEP_STYLES[i % 4],
+                     "marker": SWEEP_MARKERS[i % 4], "label": f"{family}, {sweep.label}"}
+            for ax, metric, err in ((ax_train, "train_acc", True), (ax_test, "test_acc", False)):
+                _band(ax, [int(d[0]) for d in depths], [[100 * (1 - t.final[metric]) if err else 100 * t.final[metric]
+                                                         for t in by_depth[d] if metric in t.final] for d in depths],
+                      **style)
+    ax_train.set(xlabel="depth (weighted layers)", ylabel="training error at the last epoch (%)",
+                 title="Training error: lower is better")
+    ax_test.set(xlabel="depth (weighted layers)", ylabel="test accuracy (%)", title="Test accuracy: higher is better")
+    for ax in (ax_train, ax_test):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(max(0.0, ax.get_ylim()[0]), min(100.0, ax.get_ylim()[1]))  # a band past 0 or 100 % says no more
+    ax_test.legend(title="mean over seeds, band: 95 % t interval", fontsize=8, title_fontsize=8)
+    return _save(fig, out / "depth_vs_accuracy.png", "Depth vs accuracy: " + " | ".join(
+        f"{LINE_NAMES[SWEEP_STYLES[i % 4]]}: {s.label}" for i, s in enumerate(sweeps)))
+
+
+def compare_curves(sweeps: list[Sweep], out: Path) -> Path:
+    families = sorted({t.params.get("model.family", "") for s in sweeps for t in s.trials})
+    fig, axes = plt.subplots(len(sweeps), len(families), figsize=(5.5 * len(families), 3.8 * len(sweeps)),
+                             sharey=True, squeeze=False)
+    for row, sweep in zip(axes, sweeps):
+        _training_axes(row, [t for t in sweep.trials if t.status == "FINISHED"], families, note=f"{sweep.label}\n")
+    fig.text(0.5, 0.005, TRAINING_CURVE_NOTE, ha="center", fontsize=8)
+    return _save(fig, out / "training_curves.png", "Training curves, one row per sweep", rect=(0, 0.03, 1, 1))
+
+
+def compare_gradients(sweeps: list[Sweep], out: Path) -> Path | None:
+    """Each sweep's weight-gradient profile after training at its deepest depth, one line per setting."""
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4.2), sharey=True, squeeze=False)
+    drawn = False
+    for ax, sweep in zip(axes[0], sweeps):
+        done = [t for t in sweep.trials if t.status == "FINISHED" and t.grad_profile(0)]
+        deepest = max((int(t.params.get("model.depth", 0)) for t in done), default=None)
+        for key, same in sorted(_groups([t for t in done if int(t.params.get("model.depth", 0)) == deepest],
+                                        ("model.family", "model.activation", "model.norm", "model.init")).items()):
+            prof = same[0].grad_profile(same[0].last_epoch)
+            ax.plot(range(len(prof)), [v if v > 0 else float("nan") for v in prof], color=FAMILY_COLOR.get(key[0]),
+                    label=" ".join(key))
+            drawn = True
+        ax.set(yscale="log", title=f"{sweep.label}\ndepth {deepest}, after training", xlabel="layer index")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("‖∂loss/∂W‖₂ of the layer")
+    if not drawn:
+        plt.close(fig)
+        return None
+    return _save(fig, out / "gradient_profiles.png", "Weight-gradient norm by layer, one panel per sweep")
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, lo, hi = claim_checks.mean_interval(values)
+    return f"{mean:.1f}" if lo is None else f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+
+
+def compare_tables(sweeps: list[Sweep]) -> list[str]:
+    """The accuracies per setting and the claims' verdicts, a column per sweep."""
+    keys = tuple(k for k in ("model.family", "model.depth", "model.activation", "model.norm")
+                 if any(len({t.params.get(k) for t in s.trials}) > 1 for s in sweeps)) or ("model.family",)
+    settings = sorted({t.setting(keys) for s in sweeps for t in s.trials},
+                      key=lambda st: tuple((int(v) if v.isdigit() else v) for v in st))
+    rows = []
+    for setting in settings:
+        for metric in ("train_acc", "test_acc"):
+            row = {"setting": " ".join(setting), "metric": f"{metric} % (95 % CI)"}
+            for s in sweeps:
+                row[s.label] = _cell([100 * t.final[metric] for t in s.trials if t.setting(keys) == setting
+                                      and t.status == "FINISHED" and metric in t.final])
+            rows.append(row)
+    claim_rows: dict[str, dict[str, str]] = {}
+    for s in sweeps:
+        for v in verdicts(s.top, s.trials)[1]:
+            row = claim_rows.setdefault(v.name, {"claim": f"`{v.name}`: {v.says}"})
+            row[s.label] = f"**{v.verdict}**: {v.interval()}"
+    for row in claim_rows.values():
+        row.update({s.label: row.get(s.label, "(not claimed)") for s in sweeps})
+    md = ["## Accuracy per setting", "", to_markdown(rows)]
+    if claim_rows:
+        md += ["## Claims", "", CLAIMS_NOTE, "", to_markdown(list(claim_rows.values()))]
+    return md
+
+
+def compare(uri: str, refs: list[str], out_root: Path = Path("outputs/reports")) -> Path:
+    """Draw several sweeps on the same axes and tabulate them side by side; log it all as a run of the
+    MLflow experiment `comparisons` (the compared runs stay as they ended)."""
+    client = MlflowClient(uri)
+    sweeps = [Sweep(top, [_load(client, r) for r in find_runs(client, None, top.info.run_id)[1]])
+              for top in (resolve(client, ref) for ref in refs)]
+    _labels(sweeps)
+    out = out_root / ("compare-" + "-".join(s.top.info.run_id[:8] for s in sweeps))
+    out.mkdir(parents=True, exist_ok=True)
+    figures = [compare_depth(sweeps, out), compare_curves(sweeps, out)]
+    figures += [p for p in [compare_gradients(sweeps, out)] if p is not None]
+    md = [f"# Comparison: {' vs '.join(s.label for s in sweeps)}", "",
+          "Sweeps (the columns): " + "; ".join(f"{s.label} = run {s.top.info.run_id} "
+                                                f"({len(s.trials)} runs)" for s in sweeps), "",
+          *compare_tables(sweeps), *[f"![{p.stem}]({p.name})" for p in figures]]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md[4:-len(figures)]))
+    experiment = client.get_experiment_by_name("comparisons")
+    run = client.create_run(experiment.experiment_id if experiment else client.create_experiment("comparisons"),
+                            run_name=" vs ".join(s.label for s in sweeps)[:250],
+                            tags={"role": "comparison", "compared": " ".join(s.top.info.run_id for s in sweeps)})
+    client.log_artifacts(run.info.run_id, str(out), "report")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    for p in [*figures, out / "summary.md"]:
+        print(f"wrote {p}")
+    print(f"logged as MLflow run {run.info.run_id} (experiment 'comparisons')")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_sweep.report", description=__doc__.split("\n")[0])
     parser.add_argument("--uri", default=f"sqlite:///{Path('mlflow.db').resolve()}",
@@ -395,10 +612,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", help="MLflow experiment name (default: the one with the latest run)")
     parser.add_argument("--run", help="a sweep's parent run id or a single run's id (default: the latest)")
     parser.add_argument("--out", default="outputs/reports", help="folder for the report folders")
+    parser.add_argument("--compare", nargs="+", metavar="SWEEP",
+                        help="two or more sweeps side by side, each a run id, an experiment name (its latest sweep) "
+                             "or an Optuna study name")
     args = parser.parse_args(argv)
     if args.uri.startswith("sqlite:///") and not Path(args.uri[len("sqlite:///"):]).exists():
         raise SystemExit(f"no MLflow database at {args.uri[len('sqlite:///'):]}: run from the project root or pass --uri")
-    write_report(args.uri, args.experiment, args.run, out_root=Path(args.out))
+    if args.compare:
+        if len(args.compare) < 2:
+            parser.error("--compare takes two or more sweeps")
+        compare(args.uri, args.compare, out_root=Path(args.out))
+    else:
+        write_report(args.uri, args.experiment, args.run, out_root=Path(args.out))
     return 0
 
 

@@ -608,8 +608,8 @@ class ResnetOptunaSweeper(Sweeper):
         OmegaConf.save(OmegaConf.create(results), path)
         log.info("Trials: %s; results in %s", counts, path)
         self.parent.finish(results, results_file=path)
-        if self.config.get("report") and self.config.tracking.enabled:
-            from resnet_sweep import report  # only sweeps that ask for a report pay for matplotlib
+        if (self.config.get("report") or self.config.get("claims")) and self.config.tracking.enabled:
+            from resnet_sweep import report  # only sweeps that ask for a report (or claims) pay for matplotlib
 
             report.write_report(self.config.tracking.uri, sweep_run_id=self.parent.run_id)
         self.parent.end("FINISHED")

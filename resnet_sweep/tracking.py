@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import re
 import subprocess
@@ -35,6 +36,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from resnet_sweep import faults
+from resnet_sweep.claims import CLAIMS_TAG
 from resnet_sweep.stores import create_whole, store_lock, wait_for_sqlite_locks
 from resnet_sweep.workers import Terminated, process_gone, process_tags
 
@@ -154,6 +156,8 @@ class StudyRun:
             log.info("MLflow study run %s (parent of every trial's run)", run_id)
         self.run_id, self.experiment_id = run_id, experiment_id
         tags: dict[str, Any] = {"sweep.dir": str(Path(config.hydra.sweep.dir).resolve())}
+        if config.get("claims"):  # what the report checks on this sweep's runs (claims.py), as JSON
+            tags[CLAIMS_TAG] = json.dumps(OmegaConf.to_container(config.claims, resolve=True))
         if history and len(history) > 1:  # the study ran with another space or command too: each, in order
             tags["commands"] = "\n".join(command for command, _ in history)
             tags["search_spaces"] = "\n".join(space for _, space in history)
@@ -570,7 +574,7 @@ def job_run(cfg: DictConfig, extra_tags: dict[str, Any] | None = None) -> Iterat
                                            tags=record_tags(tags)).info.run_id, container)
     try:  # at once: a SIGTERM from here on ends the run KILLED
         log.info("MLflow run %s in experiment '%s' at %s", job.run_id, t.experiment, safe_url(t.uri))
-        job.log_params(flatten(container))
+        job.log_params(flatten({k: v for k, v in container.items() if k != "claims"}))  # the sweep's run has them
         config_file = job_dir / "config_resolved.yaml"
         config_file.write_text(mask_passwords(OmegaConf.to_yaml(container)))
         job.log_artifact(config_file)
