@@ -38,12 +38,17 @@ class Verdict:
     unit: str = ""  # how the effect reads: accuracies in percentage points, log10 in orders of magnitude
     factor: float = 1.0
 
+    @property
+    def title(self) -> str:
+        return f"`{self.name}`" + (f": {self.says}" if self.says else "")
+
     def interval(self) -> str:
         if self.effect is None:
             return "no runs on a side"
         f = self.factor
         if self.low is None:
-            return f"{f * self.effect:+.3g} {self.unit} (one run on a side: no interval)"
+            why = "one run on a side" if min(self.n_a, self.n_b) < 2 else "no spread"
+            return f"{f * self.effect:+.3g} {self.unit} ({why}: no interval)"
         return f"{f * self.effect:+.3g} {self.unit} [{f * self.low:+.3g}, {f * self.high:+.3g}]"
 
 
@@ -59,16 +64,15 @@ def flat(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _pick(runs: list[Mapping[str, str]], where: Mapping[str, Any]) -> list[int]:
-    """Indexes of the runs whose params match `where` (max / min resolved over the runs' values)."""
-    wanted = {}
-    for key, value in flat(where).items():
-        if str(value) in ("max", "min"):
-            values = [float(r[key]) for r in runs if _number(r.get(key))]
-            value = (max if value == "max" else min)(values) if values else None
-            wanted[key] = lambda v, want=value: _number(v) and float(v) == want
-        else:
-            wanted[key] = lambda v, want=str(value): str(v) == want
-    return [i for i, r in enumerate(runs) if all(match(r.get(k)) for k, match in wanted.items())]
+    """Indexes of the runs whose params match `where`; `max` / `min` is the largest or smallest value among
+    the runs the other keys pick (the deepest ResNet, not the deepest net, when the family is fixed)."""
+    fixed = {k: str(v) for k, v in flat(where).items() if str(v) not in ("max", "min")}
+    picked = [i for i, r in enumerate(runs) if all(str(r.get(k)) == v for k, v in fixed.items())]
+    for key, extreme in ((k, v) for k, v in flat(where).items() if str(v) in ("max", "min")):
+        values = [float(runs[i][key]) for i in picked if _number(runs[i].get(key))]
+        want = (max if extreme == "max" else min)(values) if values else None
+        picked = [i for i in picked if _number(runs[i].get(key)) and float(runs[i][key]) == want]
+    return picked
 
 
 def _number(value: Any) -> bool:
@@ -79,14 +83,19 @@ def _number(value: Any) -> bool:
         return False
 
 
-def _values(runs: list[Mapping[str, float]], picked: list[int], metric: str, log10: bool) -> tuple[list[float], int]:
-    """The metric of the picked runs that recorded it (log10 of it if asked; 0 counts as FLOAT32_TINY) and
-    how many of them had none (a failed run, or a ratio 0/0)."""
+def _values(runs: list[Mapping[str, float]], picked: list[int], metric: str,
+            log10: bool) -> tuple[list[float], list[str]]:
+    """The metric of the picked runs that recorded a finite value (log10 of it if asked), and notes on what
+    was left out (a failed run; a ratio 0/0 or x/0) or bounded (a ratio that underflowed to 0 counts as
+    the smallest float32, FLOAT32_TINY: its log10, -44.9, is an upper bound, not a measurement)."""
     found = [runs[i].get(metric) for i in picked]
-    values = [v for v in found if v is not None and not math.isnan(v)]
+    values = [v for v in found if v is not None and math.isfinite(v)]
+    notes = [f"{len(found) - len(values)} without a finite {metric} left out"] if len(values) < len(found) else []
     if log10:
+        if zeros := sum(v <= 0 for v in values):
+            notes.append(f"{zeros} of 0 (underflow) counted as {FLOAT32_TINY:g}")
         values = [math.log10(max(v, FLOAT32_TINY)) for v in values]
-    return values, len(found) - len(values)
+    return values, notes
 
 
 def welch(a: list[float], b: list[float], level: float = LEVEL) -> tuple[float, float | None, float | None]:
@@ -95,8 +104,8 @@ def welch(a: list[float], b: list[float], level: float = LEVEL) -> tuple[float, 
     if len(a) < 2 or len(b) < 2:
         return effect, None, None
     va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    if va + vb == 0:
-        return effect, effect, effect
+    if va + vb == 0:  # no spread on either side: Welch's degrees of freedom are 0/0, no interval exists
+        return effect, None, None
     from scipy import stats  # here: tracking.py imports this module's tag names in every job
 
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
@@ -119,18 +128,20 @@ def check(name: str, claim: Mapping[str, Any], params: list[Mapping[str, str]],
           metrics: list[Mapping[str, float]]) -> Verdict:
     """The verdict of one claim over runs given as their params and final metrics (the same order)."""
     log10 = claim.get("scale", "linear") == "log10"
-    a, missing_a = _values(metrics, _pick(params, claim["a"]), claim["metric"], log10)
-    b, missing_b = _values(metrics, _pick(params, claim["b"]), claim["metric"], log10)
-    note = f"{missing_a + missing_b} run(s) without {claim['metric']} left out" if missing_a + missing_b else ""
-    says = str(claim.get("says") or name)
-    unit, factor = _unit(claim)
+    picked = {side: _pick(params, claim[side]) for side in ("a", "b")}
+    (a, notes_a), (b, notes_b) = (_values(metrics, picked[side], claim["metric"], log10) for side in ("a", "b"))
+    notes = [f"{side} picks no run" for side in ("a", "b") if not picked[side]]
+    notes += [f"{side}: {n}" for side, found in (("a", notes_a), ("b", notes_b)) for n in found]
+    says, (unit, factor) = str(claim.get("says") or ""), _unit(claim)
     if not a or not b:
-        return Verdict(name, says, UNDECIDED, None, None, None, len(a), len(b), note, unit, factor)
+        return Verdict(name, says, UNDECIDED, None, None, None, len(a), len(b), "; ".join(notes), unit, factor)
     effect, low, high = welch(a, b)
+    if low is None and len(a) > 1 and len(b) > 1:
+        notes.append("no spread on either side: no interval")
     threshold = _threshold(claim)
     beyond: Callable[[float], bool] = (lambda x: x < threshold) if claim["a_is"] == "below" else (
         lambda x: x > threshold)
-    if low is None:
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
         verdict = UNDECIDED
     elif beyond(low) and beyond(high):
         verdict = HOLDS
@@ -138,6 +149,7 @@ def check(name: str, claim: Mapping[str, Any], params: list[Mapping[str, str]],
         verdict = FAILS
     else:
         verdict = UNDECIDED
+    note = "; ".join(notes)
     return Verdict(name, says, verdict, effect, low, high, len(a), len(b), note, unit, factor)
 
 
@@ -164,7 +176,7 @@ def table(verdicts: list[Verdict], claims: Mapping[str, Mapping[str, Any]]) -> l
     rows = []
     for v in verdicts:
         c = claims[v.name]
-        rows.append({"claim": f"`{v.name}`: {v.says}", "metric": f"{c['metric']}" + (
+        rows.append({"claim": v.title, "metric": f"{c['metric']}" + (
                          " (log10)" if c.get("scale") == "log10" else ""),
                      "effect a - b (95 % CI)": v.interval(),
                      "needs": f"a - b {'<' if c['a_is'] == 'below' else '>'} {v.factor * _threshold(c):g} {v.unit}",

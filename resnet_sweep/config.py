@@ -31,6 +31,9 @@ OptimizerName = enum.Enum("OptimizerName", "sgd adam adamw")
 SchedulerName = enum.Enum("SchedulerName", "none multistep cosine plateau")
 # Metrics a job can hand to the sweeper as its objective (their values after the last epoch).
 Metric = enum.Enum("Metric", "val_acc val_loss train_acc train_loss test_acc test_loss")
+# What a net costs (fewer is better), recorded on every run: also objectives, beside a metric (a Pareto front)
+COSTS = ("num_parameters", "flops_per_sample", "train_seconds")
+OBJECTIVES = (*Metric.__members__, *COSTS)
 Precision = enum.Enum("Precision", "fp32 bf16 fp16")
 
 
@@ -249,7 +252,7 @@ class LesionConfig:
 # What a claim may compare: the objective metrics after the last epoch, the first/last weight-gradient norm
 # ratio after the last epoch and at initialisation, a lesioned net's intact accuracy and the mean accuracy
 # one deleted block costs it (report.py derives the last two from what the run recorded).
-CLAIM_METRICS = (*Metric.__members__, "grad_ratio_first_last", "grad_ratio_at_init", "lesion.intact_acc",
+CLAIM_METRICS = (*Metric.__members__, *COSTS, "grad_ratio_first_last", "grad_ratio_at_init", "lesion.intact_acc",
                  "lesion.single_drop")
 
 
@@ -293,7 +296,9 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     lesion: LesionConfig = field(default_factory=LesionConfig)
     seed: int = 0
-    objective: Metric = Metric.val_acc  # what the task returns to the sweeper (after the last epoch)
+    # what the task returns to the sweeper (after the last epoch): one of OBJECTIVES, or a list of them (several
+    # objectives: the sweep finds their Pareto front); validate makes it a list of names
+    objective: Any = "val_acc"
     report: bool = False  # draw the report (resnet_sweep.report) when a sweep ends
     # findings checked at a sweep's end (claims.py); untyped here (OmegaConf refuses a dict assigned to a
     # dataclass value, as `+claims.x={...}` on the command line does): validate types each as ClaimConfig
@@ -322,12 +327,29 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
         _check(isinstance(claim, dict) and set(claim) <= known,
                f"claims.{name}: a claim takes {', '.join(sorted(known))}; got {claim!r}")
         ClaimConfig(**claim).check(name, cfg)
+    names = [conf.objective] if isinstance(conf.objective, (str, enum.Enum)) else list(conf.objective)
+    conf.objective = [getattr(n, "name", str(n)) for n in names]
+    _check(bool(conf.objective) and all(n in OBJECTIVES for n in conf.objective)
+           and len(set(conf.objective)) == len(conf.objective),
+           f"objective={_listed(conf.objective)}: choose one of {', '.join(OBJECTIVES)}, or a list of different "
+           f"ones (e.g. objective=[val_acc,num_parameters])")
     if sweep_direction is not None:
-        wanted = "minimize" if conf.objective.name.endswith("loss") else "maximize"
-        given = getattr(sweep_direction, "name", str(sweep_direction))
-        _check(given == wanted, f"objective={conf.objective.name} should be {wanted}d but "
-                                f"hydra.sweeper.direction={given}; set hydra.sweeper.direction={wanted}")
+        wanted = [direction(n) for n in conf.objective]
+        given = sweep_direction if isinstance(sweep_direction, (list, tuple, ListConfig)) else [sweep_direction]
+        given = [getattr(d, "name", str(d)) for d in given]
+        _check(given == wanted, f"objective={_listed(conf.objective)} should be {_listed(wanted, 'd')} but "
+                                f"hydra.sweeper.direction={_listed(given)}; set hydra.sweeper.direction={_listed(wanted)}")
     return conf
+
+
+def direction(objective: str) -> str:
+    """How the sweeper optimises an objective: accuracies up, losses and costs down."""
+    return "minimize" if objective.endswith("loss") or objective in COSTS else "maximize"
+
+
+def _listed(names: list[str], suffix: str = "") -> str:
+    """`val_acc` for one name, `[val_acc,num_parameters]` for several, as the command line writes them."""
+    return f"{names[0]}{suffix}" if len(names) == 1 else "[" + ",".join(names) + "]"
 
 
 def _leaves(node: Any, prefix: str = "") -> list[str]:

@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,11 +26,11 @@ from omegaconf import DictConfig, open_dict
 
 from resnet_sweep import data as datasets
 from resnet_sweep import tracking
-from resnet_sweep.config import Config, validate
+from resnet_sweep.config import COSTS, Config, validate
 from resnet_sweep.data import Data, probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.lesion import lesion_study
-from resnet_sweep.models import build_model, count_parameters, removable_blocks
+from resnet_sweep.models import build_model, count_parameters, flops_per_sample, removable_blocks
 from resnet_sweep.stores import check_store
 from resnet_sweep.train import (NonFiniteLoss, Schedule, build_optimizer, build_schedule, fit, resolve_device,
                                  seed_everything, steps_per_epoch)
@@ -102,8 +103,9 @@ def worker_threads(hc: DictConfig) -> int | None:
     return max(1, cores() // max(1, int(hc.launcher.n_jobs)))
 
 
-def train_seeds(cfg: DictConfig, conf: Config, trial: JobTrial | None, sweeping: bool) -> float:
-    """The configured training over the sweep's seed repeats; returns the objective (their mean)."""
+def train_seeds(cfg: DictConfig, conf: Config, trial: JobTrial | None, sweeping: bool) -> float | list[float]:
+    """The configured training over the sweep's seed repeats; returns the objective (their mean), or with
+    several objectives the list of their means."""
     values, run_ids = [], []
     for repeat in range(conf.sweep.seeds):  # seed repeats: never a search dimension, averaged here
         value, run_id, stopped = train_once(cfg, conf, conf.seed + repeat, trial, sweeping, reports=repeat == 0)
@@ -111,13 +113,14 @@ def train_seeds(cfg: DictConfig, conf: Config, trial: JobTrial | None, sweeping:
         run_ids.append(run_id)
         if stopped:
             break  # a diverged or pruned first seed decides the trial; more seeds would not change that
-    objective = statistics.fmean(values)
+    means = [statistics.fmean(per_seed) for per_seed in zip(*values)]
     if conf.sweep.seeds > 1:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        log.info("objective %s over %d seeds: %.4f ± %.4f", conf.objective.name, len(values), objective, std)
+        stds = [statistics.stdev(per_seed) if len(values) > 1 else 0.0 for per_seed in zip(*values)]
+        for name, mean, std in zip(conf.objective, means, stds):
+            log.info("objective %s over %d seeds: %.4f ± %.4f", name, len(values), mean, std)
         if trial is not None:
-            trial.set(objective_per_seed=values, objective_std=std, mlflow_run_ids=run_ids)
-    return objective
+            trial.set(objective_per_seed=[v[0] for v in values], objective_std=stds[0], mlflow_run_ids=run_ids)
+    return means[0] if len(means) == 1 else means
 
 
 @dataclass
@@ -151,8 +154,8 @@ def build(conf: Config, seed: int) -> Built:
 
 
 def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None, sweeping: bool,
-               reports: bool = True) -> tuple[float, str | None, bool]:
-    """One training of the configured net with `seed`, recorded as one MLflow run: (objective, run id,
+               reports: bool = True) -> tuple[list[float], str | None, bool]:
+    """One training of the configured net with `seed`, recorded as one MLflow run: (objectives, run id,
     whether it stopped early: diverged in a sweep, or pruned). With `reports`, this training is the one
     whose epochs go to the trial (pruning) and whose run the trial points to."""
     if seed != conf.seed:  # the run's params must say which seed it trained with
@@ -176,6 +179,7 @@ def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None,
                     callback(metrics, epoch)
 
             best = job_dir / "best.pt" if conf.trainer.save_best else None
+            started = time.perf_counter()
             try:
                 metrics = fit(built.model if not conf.trainer.compile else torch.compile(built.model), built.data,
                               built.optimizer, built.schedule, conf.trainer, built.generator,
@@ -183,12 +187,13 @@ def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None,
                               on_epoch=on_epoch, on_step=trial.step if trial is not None else None,
                               progress=not sweeping and sys.stderr.isatty())  # a bar in a terminal, lines elsewhere
             except Pruned as pruned:  # the run ends normally, tagged with where it stopped; the trial is PRUNED
-                log.info("trial %d pruned after epoch %d (%s %.4g)", trial.number, pruned.epoch, conf.objective.name,
+                log.info("trial %d pruned after epoch %d (%s %.4g)", trial.number, pruned.epoch, conf.objective[0],
                          pruned.value)
                 if run is not None:
                     run.set_tags({"pruned_at_epoch": pruned.epoch})
                 trial.set(pruned_at_epoch=pruned.epoch)
-                return pruned.value, run_id, True
+                return [pruned.value], run_id, True
+            metrics.update(costs(conf, built, time.perf_counter() - started))
             record_end(run, conf, built, metrics, best, seed)
     except NonFiniteLoss as exc:
         if not sweeping:
@@ -196,8 +201,14 @@ def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None,
         log.error("trial diverged: %s; recorded as FAILED, the sweep goes on", exc)
         if trial is not None:
             trial.set(fail_reason=f"NonFiniteLoss: {exc}")
-        return math.nan, run_id, True  # a NaN objective is told FAIL, and the sweep goes on
-    return metrics[conf.objective.name], run_id, False
+        return [math.nan] * len(conf.objective), run_id, True  # a NaN objective is told FAIL, the sweep goes on
+    return [metrics[name] for name in conf.objective], run_id, False
+
+
+def costs(conf: Config, built: Built, train_seconds: float) -> dict[str, float]:
+    """What the trained net cost (config.COSTS): recorded on every run, objectives where asked."""
+    return {"num_parameters": float(count_parameters(built.model)), "train_seconds": train_seconds,
+            "flops_per_sample": float(flops_per_sample(built.model, tuple(conf.data.input_shape)))}
 
 
 def record_start(run: tracking.JobRun | None, conf: Config, built: Built) -> None:
@@ -222,7 +233,7 @@ def report_to(trial: JobTrial | None, conf: Config) -> Callable[[dict[str, float
     TrialEnded when another process has ended the trial, before anything more is recorded."""
     if trial is None:
         return None
-    objective = conf.objective.name
+    objective = conf.objective[0]  # one objective: several are refused with a pruner (sweeper.py)
 
     def report(metrics: dict[str, float], epoch: int) -> None:
         if objective in metrics and trial.should_prune(metrics[objective], epoch) and epoch < conf.trainer.epochs:
@@ -240,9 +251,10 @@ def record_end(run: tracking.JobRun | None, conf: Config, built: Built, metrics:
                best: Path | None, seed: int) -> None:
     """The test metrics, the run's name with its result, the best checkpoint, and the lesion study."""
     if run is not None:
-        run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc")}, step=conf.trainer.epochs)
-        value = metrics[conf.objective.name]
-        run.name_result(f"{100 * value:.1f}%" if conf.objective.name.endswith("acc") else f"loss {value:.4g}")
+        run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc", *COSTS)}, step=conf.trainer.epochs)
+        name, value = conf.objective[0], metrics[conf.objective[0]]
+        run.name_result(f"{100 * value:.1f}%" if name.endswith("acc") else
+                        f"loss {value:.4g}" if name.endswith("loss") else f"{name} {value:.4g}")
         if best is not None:
             run.log_artifact(best)
     if conf.lesion.enabled:

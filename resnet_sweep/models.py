@@ -307,6 +307,21 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def flops_per_sample(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass of one input, in evaluation mode, as PyTorch's FlopCounterMode counts them
+    (a multiply-add is 2: convolutions and matrix products; elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv and linear layers in the order they were built, which is depth order (shortcuts after
     their block's convs)."""

@@ -37,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from resnet_sweep import claims as claim_checks  # noqa: E402
 
@@ -306,6 +307,36 @@ def lesion_figures(trials: list[Trial], out: Path, title: str) -> list[Path]:
     return paths
 
 
+def objectives(trials: list[Trial]) -> list[str]:
+    """The objectives the runs were swept on (the `objective` param: a name, or a list's repr)."""
+    recorded = trials[0].params.get("objective", "val_acc") if trials else "val_acc"
+    return re.findall(r"[\w.]+", recorded)
+
+
+def pareto_front(trials: list[Trial], tags: dict[str, dict[str, str]], out: Path, title: str) -> Path:
+    """Accuracy against cost for every finished trial, the Pareto-optimal ones (tagged pareto=true by the
+    sweep) joined and labelled by net; the first objective on the y axis, the second on x (log scale)."""
+    y_name, x_name = objectives(trials)[:2]
+    done = [t for t in trials if t.status == "FINISHED" and x_name in t.final and y_name in t.final]
+    front = sorted((t for t in done if tags.get(t.run_id, {}).get("pareto") == "true"), key=lambda t: t.final[x_name])
+    scale = 100 if y_name.endswith("acc") else 1
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for family in sorted({t.params.get("model.family", "") for t in done}):
+        mine = [t for t in done if t.params.get("model.family", "") == family]
+        ax.scatter([t.final[x_name] for t in mine], [scale * t.final[y_name] for t in mine], alpha=0.45, s=28,
+                   color=FAMILY_COLOR.get(family, "tab:gray"), label=f"{family or 'trial'} (every trial)")
+    ax.plot([t.final[x_name] for t in front], [scale * t.final[y_name] for t in front], "k-o", markersize=7,
+            markerfacecolor="none", label="Pareto front")
+    for t in front:
+        ax.annotate(f"{t.params.get('model.family', '')}-{t.params.get('model.depth', '')}",
+                    (t.final[x_name], scale * t.final[y_name]), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    ax.set(xscale="log", xlabel=f"{x_name} (log scale; fewer is better)",
+           ylabel=f"{y_name}{' (%)' if scale == 100 else ''}", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "pareto_front.png")
+
+
 def lesion_table(trials: list[Trial]) -> str:
     rows = []
     for t in _lesioned(trials):
@@ -372,14 +403,17 @@ def claims_section(client: MlflowClient, top: Run, trials: list[Trial]) -> list[
     for v in found:
         client.set_tag(top.info.run_id, claim_checks.VERDICT_TAG.format(v.name), v.verdict)
     for v in found:
-        print(f"claim {v.name}: {v.verdict.upper()} - {v.says}; a - b = {v.interval()} (runs {v.n_a} / {v.n_b})")
+        print(f"claim {v.name}: {v.verdict.upper()}{f' - {v.says}' if v.says else ''}; a - b = {v.interval()} "
+              f"(runs {v.n_a} / {v.n_b}{f'; {v.note}' if v.note else ''})")
     return ["## Claims", "", CLAIMS_NOTE, "", to_markdown(claim_checks.table(found, specs))]
 
 
 CLAIMS_NOTE = ("Effect = mean over runs `a` minus mean over runs `b`, with Welch's 95 % t interval over the runs "
-               "on each side (their seeds, and the settings the claim leaves free); *holds*: the whole interval "
+               "on each side (their seeds, and the settings the claim leaves free): Welch's, because the two "
+               "sides need not spread alike (a plain net's seeds spread far more than a ResNet's), and t, "
+               "because with a few runs a side the normal quantile would make it too narrow. *holds*: the whole interval "
                "is past the threshold, *does not hold*: none of it is, *undecided*: it crosses it, or one side "
-               "has a single run (no interval exists). The claims are the experiment's `claims:` (conf/experiment/).")
+               "has a single run or neither side spreads (no interval exists). The claims are the experiment's `claims:` (conf/experiment/).")
 
 
 def write_report(uri: str, experiment: str | None = None, run_id: str | None = None, sweep_run_id: str | None = None,
@@ -401,6 +435,15 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
         figures += [depth_vs_accuracy(finished, out, title), training_curves(finished, out, title)]
     if any(t.grad_profile(0) for t in trials) and {"model.activation", "model.norm", "model.init"} & set(varying):
         figures += gradient_profiles(trials, out, f"Vanishing gradients on {dataset}")
+    front: list[str] = []
+    if len(objectives(trials)) > 1 and finished:
+        tags = {r.info.run_id: r.data.tags for r in runs}
+        figures.append(pareto_front(trials, tags, out, f"{' vs '.join(objectives(trials)[:2])} on {dataset}: "
+                                                       f"{len(finished)} trials, the Pareto front joined"))
+        front = ["## Pareto-optimal trials (tagged pareto=true)", "", to_markdown([
+            {"run": t.run_id, "net": f"{t.params.get('model.family')}-{t.params.get('model.depth')}",
+             **{name: f"{t.final[name]:.4g}" for name in objectives(trials) if name in t.final}}
+            for t in finished if tags.get(t.run_id, {}).get("pareto") == "true"])]
     lesions = lesion_table(trials)
     if lesions:
         figures += lesion_figures(trials, out, f"Deleting blocks of trained nets at test time (Veit et al. 2016), "
@@ -416,7 +459,7 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
           + ("Accuracies are means ± std over seeds" if _seeds(_groups(trials, keys)) > 1 else
              "Accuracies are of one run per setting") + ", at the last epoch; grad ratio = first-layer over "
           "last-layer weight-gradient norm (median over seeds), at init and at the last epoch.", "", table]
-    md += claims_section(client, top, trials)
+    md += front + claims_section(client, top, trials)
     if lesions:
         md += ["Test accuracy (%) of each trained net intact, with one deletable block deleted (mean and worst "
                "over the blocks), and with k random blocks deleted (mean over draws):", "", lesions]
@@ -450,38 +493,48 @@ class Sweep:
 
 
 def resolve(client: MlflowClient, ref: str) -> Run:
-    """A sweep's run from a run id, an experiment name (its latest sweep) or an Optuna study name."""
-    if re.fullmatch(r"[0-9a-f]{32}", ref):
-        return client.get_run(ref)
+    """A sweep's run from a run id, an experiment name (its latest finished sweep, else its latest) or an
+    Optuna study name (matched here, not in MLflow's filter: a study name may hold any character)."""
     exps = client.search_experiments()
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        try:
+            return client.get_run(ref)
+        except MlflowException:
+            pass
     by_exp = [e.experiment_id for e in exps if e.name == ref]
-    where = "tags.role = 'sweep'" + ("" if by_exp else f" and tags.`optuna.study` = '{ref}'")
-    found = client.search_runs(by_exp or [e.experiment_id for e in exps], where,
-                               order_by=["attributes.start_time DESC"], max_results=1)
+    found = [r for r in client.search_runs(by_exp or [e.experiment_id for e in exps], "tags.role = 'sweep'",
+                                           order_by=["attributes.start_time DESC"], max_results=5000)
+             if by_exp or r.data.tags.get("optuna.study") == ref]
     if not found:
-        raise SystemExit(f"--compare {ref}: no sweep with that run id, experiment name or study name; experiments: "
+        raise SystemExit(f"--compare {ref}: no sweep has that run id, experiment name or study name; experiments: "
                          f"{', '.join(e.name for e in exps)} (a sweep's run id is its parent run's, in the MLflow UI)")
-    return found[0]
+    return next((r for r in found if r.info.status == "FINISHED"), found[0])
 
 
 def _labels(sweeps: list[Sweep]) -> None:
-    """Label each sweep by the settings that differ between them (each constant within its sweep)."""
+    """Label each sweep by the settings that differ between them (each constant within its sweep), its run
+    id where that leaves two alike, and its status where it has not finished."""
     values = [{k: {t.params.get(k) for t in s.trials} for k in {k for t in s.trials for k in t.params}} for s in sweeps]
     keys = sorted({k for v in values for k in v})
     differ = [k for k in keys if not k.startswith(NOT_A_SETTING) and all(len(v.get(k, {None})) == 1 for v in values)
               and len({next(iter(v.get(k, {None}))) for v in values}) > 1]
     for sweep, v in zip(sweeps, values):
-        named = ", ".join(f"{k}={next(iter(v.get(k, {None})))}" for k in differ[:4])
-        sweep.label = named or f"{sweep.top.info.run_id[:8]}"
+        sweep.label = ", ".join(f"{k}={next(iter(v.get(k, {None})))}" for k in differ[:4])
+    for sweep in sweeps:
+        if not sweep.label or [s.label for s in sweeps].count(sweep.label) > 1:
+            sweep.label = f"{sweep.label} (run {sweep.top.info.run_id[:8]})".lstrip()
+        if sweep.top.info.status != "FINISHED":
+            sweep.label += f" ({sweep.top.info.status})"
+            print(f"warning: sweep {sweep.top.info.run_id} is {sweep.top.info.status}: compared as it stands")
 
 
 def _band(ax: Any, x: list[int], values: list[list[float]], **style: Any) -> None:
-    """The mean over seeds as a line, its 95 % t interval as a band (none with one seed)."""
-    stats = [claim_checks.mean_interval(v) for v in values]
+    """The mean over seeds as a line, its 95 % t interval as a band where a depth has more than one seed."""
+    x, stats = zip(*[(d, claim_checks.mean_interval(v)) for d, v in zip(x, values) if v]) if any(values) else ((), ())
     ax.plot(x, [m for m, _, _ in stats], **style)
-    if all(lo is not None for _, lo, _ in stats):
-        ax.fill_between(x, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], color=style.get("color"),
-                        alpha=0.12)
+    banded = [(d, lo, hi) for d, (_, lo, hi) in zip(x, stats) if lo is not None]
+    if len(banded) > 1:
+        ax.fill_between(*zip(*banded), color=style.get("color"), alpha=0.12)
 
 
 def compare_depth(sweeps: list[Sweep], out: Path) -> Path:
@@ -504,7 +557,7 @@ def compare_depth(sweeps: list[Sweep], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(max(0.0, ax.get_ylim()[0]), min(100.0, ax.get_ylim()[1]))  # a band past 0 or 100 % says no more
-    ax_test.legend(title="mean over seeds, band: 95 % t interval", fontsize=8, title_fontsize=8)
+    ax_test.legend(title="mean over seeds; band: its 95 % t interval (2+ seeds)", fontsize=8, title_fontsize=8)
     return _save(fig, out / "depth_vs_accuracy.png", "Depth vs accuracy: " + " | ".join(
         f"{LINE_NAMES[SWEEP_STYLES[i % 4]]}: {s.label}" for i, s in enumerate(sweeps)))
 
@@ -526,13 +579,15 @@ def compare_gradients(sweeps: list[Sweep], out: Path) -> Path | None:
     for ax, sweep in zip(axes[0], sweeps):
         done = [t for t in sweep.trials if t.status == "FINISHED" and t.grad_profile(0)]
         deepest = max((int(t.params.get("model.depth", 0)) for t in done), default=None)
-        for key, same in sorted(_groups([t for t in done if int(t.params.get("model.depth", 0)) == deepest],
-                                        ("model.family", "model.activation", "model.norm", "model.init")).items()):
+        groups = sorted(_groups([t for t in done if int(t.params.get("model.depth", 0)) == deepest],
+                                ("model.family", "model.activation", "model.norm", "model.init")).items())
+        for i, (key, same) in enumerate(groups):  # one colour per setting; plain solid, resnet dashed
             prof = same[0].grad_profile(same[0].last_epoch)
-            ax.plot(range(len(prof)), [v if v > 0 else float("nan") for v in prof], color=FAMILY_COLOR.get(key[0]),
-                    label=" ".join(key))
+            ax.plot(range(len(prof)), [v if v > 0 else float("nan") for v in prof], color=plt.get_cmap("tab10")(i),
+                    linestyle="-" if key[0] == "plain" else "--", label=" ".join(key))
             drawn = True
-        ax.set(yscale="log", title=f"{sweep.label}\ndepth {deepest}, after training", xlabel="layer index")
+        ax.set(yscale="log", xlabel="layer index", title=f"{sweep.label}\n" + (
+            f"depth {deepest}, after training" if groups else "no gradient norms recorded"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("‖∂loss/∂W‖₂ of the layer")
@@ -543,16 +598,17 @@ def compare_gradients(sweeps: list[Sweep], out: Path) -> Path | None:
 
 
 def _cell(values: list[float]) -> str:
+    """Mean [95 % t interval, clipped to 0-100 %] of accuracies in %, or the one run's value."""
     if not values:
         return "–"
     mean, lo, hi = claim_checks.mean_interval(values)
-    return f"{mean:.1f}" if lo is None else f"{mean:.1f} [{lo:.1f}, {hi:.1f}]"
+    return f"{mean:.1f} (1 run)" if lo is None else f"{mean:.1f} [{max(lo, 0.0):.1f}, {min(hi, 100.0):.1f}]"
 
 
 def compare_tables(sweeps: list[Sweep]) -> list[str]:
     """The accuracies per setting and the claims' verdicts, a column per sweep."""
-    keys = tuple(k for k in ("model.family", "model.depth", "model.activation", "model.norm")
-                 if any(len({t.params.get(k) for t in s.trials}) > 1 for s in sweeps)) or ("model.family",)
+    keys = tuple(k for k in SETTING_KEYS if any(len({t.params.get(k) for t in s.trials}) > 1 for s in sweeps)) or (
+        "model.family",)
     settings = sorted({t.setting(keys) for s in sweeps for t in s.trials},
                       key=lambda st: tuple((int(v) if v.isdigit() else v) for v in st))
     rows = []
@@ -566,7 +622,7 @@ def compare_tables(sweeps: list[Sweep]) -> list[str]:
     claim_rows: dict[str, dict[str, str]] = {}
     for s in sweeps:
         for v in verdicts(s.top, s.trials)[1]:
-            row = claim_rows.setdefault(v.name, {"claim": f"`{v.name}`: {v.says}"})
+            row = claim_rows.setdefault(v.name, {"claim": v.title})
             row[s.label] = f"**{v.verdict}**: {v.interval()}"
     for row in claim_rows.values():
         row.update({s.label: row.get(s.label, "(not claimed)") for s in sweeps})
@@ -592,9 +648,13 @@ def compare(uri: str, refs: list[str], out_root: Path = Path("outputs/reports"))
                                                 f"({len(s.trials)} runs)" for s in sweeps), "",
           *compare_tables(sweeps), *[f"![{p.stem}]({p.name})" for p in figures]]
     (out / "summary.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md[4:-len(figures)]))
+    print("\n".join(md[2:-len(figures)]))
     experiment = client.get_experiment_by_name("comparisons")
-    run = client.create_run(experiment.experiment_id if experiment else client.create_experiment("comparisons"),
+    if experiment is None:  # its artifacts beside the first sweep's experiment's, not in ./mlruns
+        where = client.get_experiment(sweeps[0].top.info.experiment_id).artifact_location.rstrip("/")
+        experiment = client.get_experiment(client.create_experiment("comparisons", f"{where.rsplit('/', 1)[0]}/"
+                                                                                   f"comparisons"))
+    run = client.create_run(experiment.experiment_id,
                             run_name=" vs ".join(s.label for s in sweeps)[:250],
                             tags={"role": "comparison", "compared": " ".join(s.top.info.run_id for s in sweeps)})
     client.log_artifacts(run.info.run_id, str(out), "report")

@@ -214,8 +214,11 @@ class ResnetOptunaSweeper(Sweeper):
         with open_dict(job_config):
             del job_config["hydra"]
         conf = validate(job_config, sweep_direction=self.s.direction)
-        if conf.objective.name.startswith("test_"):
-            raise ConfigError(f"objective={conf.objective.name}: a sweep must not choose hyperparameters on the test "
+        if len(conf.objective) > 1 and not isinstance(self.pruner, optuna.pruners.NopPruner):
+            raise ConfigError(f"pruner={type(self.pruner).__name__}: Optuna prunes only single-objective studies, and "
+                              f"objective={conf.objective} has {len(conf.objective)}; add pruner=none")
+        if test := next((name for name in conf.objective if name.startswith("test_")), None):
+            raise ConfigError(f"objective={test}: a sweep must not choose hyperparameters on the test "
                               f"set, or the test accuracy of its best trial is no longer an unbiased estimate. Sweep "
                               f"on objective=val_acc (or val_loss with hydra.sweeper.direction=minimize); every run "
                               f"still records test_acc and test_loss")
@@ -550,8 +553,10 @@ class ResnetOptunaSweeper(Sweeper):
         states = ", ".join(f"{n} {s.name}" for s in trials.FINISHED if (n := sum(t.state == s for t in done)))
         elapsed, left = time.monotonic() - self._started, max(self.n_trials - len(done), 0)
         eta = f", about {_duration(elapsed / self._done_here * left)} left" if left else ""
-        objective = getattr(self.config.get("objective"), "name", self.config.get("objective", "objective"))
-        result = trial.state.name if trial.value is None else f"{trial.state.name}, {objective} {trial.value:.4g}"
+        names = self.config.get("objective", "objective")
+        names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
+        result = trial.state.name if not trial.values else f"{trial.state.name}, " + ", ".join(
+            f"{n} {v:.4g}" for n, v in zip(names, trial.values))
         if number in trials.interrupted(all_trials):
             result = "interrupted (to run again)"
         best = ""
@@ -601,8 +606,14 @@ class ResnetOptunaSweeper(Sweeper):
                            best_mlflow_run_id=best.user_attrs.get("mlflow_run_id"))
             log.info("Best trial %d: value %s, params %s (MLflow run %s)", best.number, best.value, best.params,
                      best.user_attrs.get("mlflow_run_id"))
-        else:
-            results["solutions"] = [{"params": t.params, "values": t.values} for t in study.best_trials]
+        else:  # several objectives: the Pareto-optimal trials, tagged pareto=true on their runs
+            front = sorted(study.best_trials, key=lambda t: t.number)
+            results["solutions"] = [{"trial": t.number, "params": t.params, "values": t.values,
+                                     "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]
+            self.parent.tag_pareto([t.user_attrs.get("mlflow_run_id") for t in front])
+            log.info("Pareto-optimal trials (%s): %s", ", ".join(f"{n} {d}" for n, d in zip(
+                self.config.objective, self._directions())), "; ".join(
+                f"trial {t.number}: {[float(f'{v:.4g}') for v in t.values]} {t.params}" for t in front))
         path = Path(f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
         path.parent.mkdir(parents=True, exist_ok=True)  # a rerun with nothing left to do launches no job
         OmegaConf.save(OmegaConf.create(results), path)
@@ -611,7 +622,13 @@ class ResnetOptunaSweeper(Sweeper):
         if (self.config.get("report") or self.config.get("claims")) and self.config.tracking.enabled:
             from resnet_sweep import report  # only sweeps that ask for a report (or claims) pay for matplotlib
 
-            report.write_report(self.config.tracking.uri, sweep_run_id=self.parent.run_id)
+            try:  # the trials are recorded whatever becomes of their report
+                report.write_report(self.config.tracking.uri, sweep_run_id=self.parent.run_id)
+            except Exception as exc:  # noqa: BLE001
+                log.error("the report failed (%s: %s); python -m resnet_sweep.report --run %s draws it again",
+                          type(exc).__name__, exc, self.parent.run_id)
+        elif self.config.get("claims"):
+            log.warning("tracking.enabled=false: the claims are not checked (the report reads them from MLflow)")
         self.parent.end("FINISHED")
 
     def _environment_stop(self, exc: BaseException, study_name: str | None) -> None:

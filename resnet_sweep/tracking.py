@@ -217,6 +217,18 @@ class StudyRun:
         if failed:
             job.set_tags({"failure_reason": failed})
 
+    def tag_pareto(self, run_ids: list[str | None]) -> None:
+        """Tag pareto=true the runs of the Pareto-optimal trials (a rerun's front may differ: the others get
+        pareto=false), and their ids on this run."""
+        if self.client is None:
+            return
+        front = {r for r in run_ids if r}
+        for run in self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}'",
+                                           max_results=5000):
+            if run.info.run_id in front or run.data.tags.get("pareto") == "true":
+                self.client.set_tag(run.info.run_id, "pareto", str(run.info.run_id in front).lower())
+        JobRun(self.client, self.run_id).set_tags({"pareto.run_ids": " ".join(sorted(front))})
+
     def end(self, status: str, reason: str | None = None) -> None:
         """End the run `status` (FINISHED; KILLED: interrupted; FAILED: an error), with `reason`; a rerun of
         the study reopens it."""

@@ -128,12 +128,13 @@ class Records:
         return True
 
     def settle(self, number: int, value: Any, reason: str | None = None) -> None:
-        """A job's objective as its trial's result: a non-finite one is never a result (NaN would be a
-        trial's value, inf the best one), it FAILs the trial."""
-        if value is None or not math.isfinite(float(value)):
+        """A job's objective (or list of objectives) as its trial's result: a non-finite one is never a
+        result (NaN would be a trial's value, inf the best one), it FAILs the trial."""
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not values or any(v is None or not math.isfinite(float(v)) for v in values):
             self.end(number, TrialState.FAIL, reason=reason or f"objective was {value}")
         else:
-            self.end(number, TrialState.COMPLETE, [float(value)])
+            self.end(number, TrialState.COMPLETE, [float(v) for v in values])
 
     def retry(self, trial: FrozenTrial, reason: str) -> None:
         """Queue a WAITING copy of an interrupted trial: same parameters and sampler attributes (a grid cell
@@ -275,7 +276,7 @@ class JobTrial:
             return (not isinstance(self.pruner, optuna.pruners.NopPruner)  # a NopPruner saves a read per epoch
                     and self.pruner.prune(self.records.study, self.records.find(self.number)))
 
-    def finish(self, value: float) -> None:
+    def finish(self, value: float | list[float]) -> None:
         """Tell the trial's result: PRUNED (valued by the last report) if the pruner stopped it, else as
         Records.settle has it."""
         with uninterrupted():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import urllib.parse
@@ -49,7 +50,8 @@ def find_experiment(uri: str, name: str | None) -> tuple[str, str, str]:
                         + ": train first, e.g. python -m resnet_sweep")
     run = latest[0]
     experiment = client.get_experiment(run.info.experiment_id)
-    return experiment.experiment_id, experiment.name, run.data.params.get("objective", "val_acc")
+    objective = run.data.params.get("objective", "val_acc")  # several objectives: "['val_acc', ...]", sort by the first
+    return experiment.experiment_id, experiment.name, re.findall(r"[\w.]+", objective)[0]
 
 
 def main(argv: list[str] | None = None) -> int:

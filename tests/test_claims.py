@@ -66,10 +66,25 @@ def test_a_log10_claim_counts_orders_of_magnitude_and_a_ratio_that_underflowed_t
             "a_is": "below", "by": 2, "scale": "log10"}
     v = claims.check("vanish", spec, params, metrics)
     assert v.effect == pytest.approx((-12 + math.log10(claims.FLOAT32_TINY)) / 2 - 0.0)
-    assert v.unit == "orders of magnitude"
-    # a run without the metric (failed, or 0/0) is left out and said so
-    v = claims.check("vanish", spec, params, [{"r": float("nan")}, {"r": 1e-12}, {}, {"r": 2.0}])
-    assert (v.n_a, v.n_b) == (1, 1) and "2 run(s) without r left out" in v.note
+    assert v.unit == "orders of magnitude" and "a: 1 of 0 (underflow) counted as 1.4e-45" in v.note
+    # a run without a finite value (failed; 0/0; x/0) is left out and said so
+    v = claims.check("vanish", spec, params, [{"r": float("nan")}, {"r": 1e-12}, {}, {"r": float("inf")}])
+    assert (v.n_a, v.n_b, v.verdict) == (1, 0, claims.UNDECIDED)
+    assert v.note == "a: 1 without a finite r left out; b: 2 without a finite r left out"
+
+
+def test_max_is_the_deepest_of_the_runs_the_other_keys_pick_and_no_spread_gives_no_interval() -> None:
+    params = [{"model.family": f, "model.depth": d} for f, d in
+              (("plain", "56"), ("plain", "56"), ("resnet", "20"), ("resnet", "20"))]
+    metrics = [{"train_acc": 0.40}, {"train_acc": 0.41}, {"train_acc": 0.99}, {"train_acc": 0.98}]
+    spec = {"metric": "train_acc", "a": {"model": {"family": "resnet", "depth": "max"}},
+            "b": {"model": {"family": "plain", "depth": "max"}}, "a_is": "above"}
+    v = claims.check("x", spec, params, metrics)
+    assert (v.n_a, v.n_b, v.verdict) == (2, 2, claims.HOLDS)  # ResNet-20 is the deepest ResNet
+    v = claims.check("x", spec, params, [{"train_acc": 0.1}] * 4)
+    assert (v.verdict, v.low) == (claims.UNDECIDED, None) and "no spread" in v.interval()
+    v = claims.check("x", {**spec, "a": {"model": {"family": "resnt"}}}, params, metrics)
+    assert (v.verdict, v.note) == (claims.UNDECIDED, "a picks no run")
 
 
 @pytest.mark.parametrize(("claim", "says"), [
@@ -143,3 +158,61 @@ def test_compare_two_sweeps_with_their_claims_checked(workdir: Path) -> None:
     (comparison,) = client.search_runs([client.get_experiment_by_name("comparisons").experiment_id])
     assert comparison.data.tags["compared"] == f"{tops['degradation'].info.run_id} {tops['degradation_b'].info.run_id}"
     assert {Path(a.path).name for a in client.list_artifacts(comparison.info.run_id, "report")} >= {"summary.md"}
+
+
+# Accuracy against cost: several objectives, a Pareto front
+
+@pytest.mark.parametrize(("objective", "direction", "says"), [
+    ("[val_acc,num_parameters]", "[maximize,minimize]", None),
+    ("[val_acc,train_seconds,flops_per_sample]", "[maximize,minimize,minimize]", None),
+    ("[val_acc,num_parameters]", "maximize", "set hydra.sweeper.direction=[maximize,minimize]"),
+    ("[val_acc,num_parameters]", "[maximize,maximize]", "set hydra.sweeper.direction=[maximize,minimize]"),
+    ("[val_acc,num_params]", "[maximize,minimize]", "objective=[val_acc,num_params]: choose one of"),
+    ("[val_acc,val_acc]", "[maximize,maximize]", "a list of different ones"),
+])
+def test_several_objectives_take_one_direction_each(objective: str, direction: str, says: str | None) -> None:
+    cfg = compose_config(f"objective={objective}", "tracking.uri=sqlite:////tmp/m.db", "tracking.artifact_location=/tmp")
+    direction = direction.strip("[]").split(",") if direction.startswith("[") else direction
+    if says is None:
+        assert validate(cfg, sweep_direction=direction).objective == objective.strip("[]").split(",")
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, sweep_direction=direction)
+    assert says in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_two_objective_sweep_tags_its_pareto_trials_and_draws_the_front(workdir: Path) -> None:
+    res = run_cli(workdir, "-m", "objective=[val_acc,num_parameters]", "hydra.sweeper.direction=[maximize,minimize]",
+                  "search=none", "model.depth=choice(8,14)", "model.family=choice(plain,resnet)",
+                  "hydra.sweeper.n_trials=4", "hydra/sweeper/sampler=grid", "trainer.epochs=1",
+                  "data.train_subset=128", "report=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{workdir / 'optuna.db'}")
+    front = {t.user_attrs["mlflow_run_id"] for t in study.best_trials}
+    assert front and len(study.trials) == 4
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resnet_sweep").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("role") == "trial"]
+    assert {r.info.run_id for r in trials if r.data.tags.get("pareto") == "true"} == front
+    for run in trials:  # every run records what it cost, whatever the objectives
+        assert run.data.metrics["num_parameters"] == float(run.data.params["model.num_parameters"])
+        assert run.data.metrics["flops_per_sample"] > run.data.metrics["num_parameters"]
+        assert run.data.metrics["train_seconds"] > 0
+    assert "Pareto-optimal trials (val_acc maximize, num_parameters minimize): trial" in res.stderr + res.stdout
+    (report,) = workdir.glob("outputs/reports/resnet_sweep-*")
+    assert (report / "pareto_front.png").stat().st_size > 10_000
+    assert "## Pareto-optimal trials (tagged pareto=true)" in (report / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.fresh
+def test_pruning_several_objectives_is_refused_before_anything_is_created(workdir: Path) -> None:
+    res = run_cli(workdir, "-m", "objective=[val_acc,num_parameters]", "hydra.sweeper.direction=[maximize,minimize]",
+                  "pruner=median", "trainer.epochs=1", "data.train_subset=128")
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if "Optuna prunes only single-objective" in line]
+    assert len(lines) == 1 and "add pruner=none" in lines[0] and "Traceback" not in res.stderr
+    assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
