@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "undecided"
 LEVEL = 0.95
 CLAIMS_TAG, VERDICT_TAG = "claims", "claim.{}"  # on a sweep's MLflow run: its claims (JSON), each verdict
+EXACT = ("num_parameters", "flops_per_sample")  # a net's size: no seed changes it, no interval needed
 FLOAT32_TINY = 1.4e-45  # the smallest positive float32: a ratio that underflowed to 0 is at most this
 
 
@@ -136,7 +137,9 @@ def check(name: str, claim: Mapping[str, Any], params: list[Mapping[str, str]],
     if not a or not b:
         return Verdict(name, says, UNDECIDED, None, None, None, len(a), len(b), "; ".join(notes), unit, factor)
     effect, low, high = welch(a, b)
-    if low is None and len(a) > 1 and len(b) > 1:
+    if low is None and claim["metric"] in EXACT:  # the same net, the same size: the effect is exact
+        low = high = effect
+    elif low is None and len(a) > 1 and len(b) > 1:
         notes.append("no spread on either side: no interval")
     threshold = _threshold(claim)
     beyond: Callable[[float], bool] = (lambda x: x < threshold) if claim["a_is"] == "below" else (

@@ -327,18 +327,21 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
         _check(isinstance(claim, dict) and set(claim) <= known,
                f"claims.{name}: a claim takes {', '.join(sorted(known))}; got {claim!r}")
         ClaimConfig(**claim).check(name, cfg)
-    names = [conf.objective] if isinstance(conf.objective, (str, enum.Enum)) else list(conf.objective)
+    given = conf.objective
+    _check(isinstance(given, (str, enum.Enum, list, tuple)), f"objective={given!r}: choose one of {', '.join(OBJECTIVES)}, "
+                                                            f"or a list of different ones")
+    names = [given] if isinstance(given, (str, enum.Enum)) else list(given)
     conf.objective = [getattr(n, "name", str(n)) for n in names]
     _check(bool(conf.objective) and all(n in OBJECTIVES for n in conf.objective)
            and len(set(conf.objective)) == len(conf.objective),
-           f"objective={_listed(conf.objective)}: choose one of {', '.join(OBJECTIVES)}, or a list of different "
-           f"ones (e.g. objective=[val_acc,num_parameters])")
+           f"objective={listed(conf.objective)}: choose one of {', '.join(OBJECTIVES)}, or a list of different "
+           f"ones (e.g. 'objective=[val_acc,num_parameters]')")
     if sweep_direction is not None:
         wanted = [direction(n) for n in conf.objective]
         given = sweep_direction if isinstance(sweep_direction, (list, tuple, ListConfig)) else [sweep_direction]
         given = [getattr(d, "name", str(d)) for d in given]
-        _check(given == wanted, f"objective={_listed(conf.objective)} should be {_listed(wanted, 'd')} but "
-                                f"hydra.sweeper.direction={_listed(given)}; set hydra.sweeper.direction={_listed(wanted)}")
+        _check(given == wanted, f"objective={listed(conf.objective)} should be {listed(wanted, 'd')} but "
+                                f"hydra.sweeper.direction={listed(given)}; set {quoted('hydra.sweeper.direction', wanted)}")
     return conf
 
 
@@ -347,9 +350,14 @@ def direction(objective: str) -> str:
     return "minimize" if objective.endswith("loss") or objective in COSTS else "maximize"
 
 
-def _listed(names: list[str], suffix: str = "") -> str:
+def listed(names: list[str], suffix: str = "") -> str:
     """`val_acc` for one name, `[val_acc,num_parameters]` for several, as the command line writes them."""
     return f"{names[0]}{suffix}" if len(names) == 1 else "[" + ",".join(names) + "]"
+
+
+def quoted(key: str, names: list[str]) -> str:
+    """key=value to type in a shell: a list quoted (zsh would expand its brackets)."""
+    return f"{key}={names[0]}" if len(names) == 1 else f"'{key}={listed(names)}'"
 
 
 def _leaves(node: Any, prefix: str = "") -> list[str]:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, open_dict
 
 from resnet_sweep import data as datasets
 from resnet_sweep import tracking
-from resnet_sweep.config import COSTS, Config, validate
+from resnet_sweep.config import Config, validate
 from resnet_sweep.data import Data, probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.lesion import lesion_study
@@ -119,7 +119,8 @@ def train_seeds(cfg: DictConfig, conf: Config, trial: JobTrial | None, sweeping:
         for name, mean, std in zip(conf.objective, means, stds):
             log.info("objective %s over %d seeds: %.4f ± %.4f", name, len(values), mean, std)
         if trial is not None:
-            trial.set(objective_per_seed=[v[0] for v in values], objective_std=stds[0], mlflow_run_ids=run_ids)
+            trial.set(objective_per_seed=[v[0] for v in values], objective_std=stds[0], mlflow_run_ids=run_ids,
+                      **({"objectives_per_seed": values, "objectives_std": stds} if len(means) > 1 else {}))
     return means[0] if len(means) == 1 else means
 
 
@@ -171,7 +172,7 @@ def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None,
             run_id = run.run_id if run is not None else None
             if trial is not None and reports:
                 trial.set(mlflow_run_id=run_id, job_dir=str(job_dir))
-            record_start(run, conf, built)
+            size = record_start(run, conf, built)
             callbacks = [c for c in (report_to(trial, conf) if reports else None, record_to(run)) if c]
 
             def on_epoch(metrics: dict[str, float], epoch: int) -> None:
@@ -193,7 +194,7 @@ def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None,
                     run.set_tags({"pruned_at_epoch": pruned.epoch})
                 trial.set(pruned_at_epoch=pruned.epoch)
                 return [pruned.value], run_id, True
-            metrics.update(costs(conf, built, time.perf_counter() - started))
+            metrics.update(size, train_seconds=time.perf_counter() - started)
             record_end(run, conf, built, metrics, best, seed)
     except NonFiniteLoss as exc:
         if not sweeping:
@@ -205,19 +206,17 @@ def train_once(cfg: DictConfig, conf: Config, seed: int, trial: JobTrial | None,
     return [metrics[name] for name in conf.objective], run_id, False
 
 
-def costs(conf: Config, built: Built, train_seconds: float) -> dict[str, float]:
-    """What the trained net cost (config.COSTS): recorded on every run, objectives where asked."""
-    return {"num_parameters": float(count_parameters(built.model)), "train_seconds": train_seconds,
+def record_start(run: tracking.JobRun | None, conf: Config, built: Built) -> dict[str, float]:
+    """The run's data, size and threads, and the per-layer gradient norms at initialisation; returns the
+    net's size (config.COSTS: recorded on every run, objectives where asked; train_seconds comes at the end)."""
+    size = {"num_parameters": float(count_parameters(built.model)),
             "flops_per_sample": float(flops_per_sample(built.model, tuple(conf.data.input_shape)))}
-
-
-def record_start(run: tracking.JobRun | None, conf: Config, built: Built) -> None:
-    """The run's data, size and threads, and the per-layer gradient norms at initialisation."""
     if run is not None:
         data = built.data
         run.log_dataset(conf.data.name.name, len(data.train), len(data.val), len(data.test))
         run.log_params({"model.num_parameters": count_parameters(built.model), "device": built.device,
                         "torch.threads": torch.get_num_threads()})
+        run.log_metrics(size, step=0)
     if built.gradients is not None:
         x, y = probe_batch(built.data.train, conf.trainer.grad_probe_size, conf.data.split_seed)
         at_init = built.gradients.at_init(built.model, x, y)
@@ -225,6 +224,7 @@ def record_start(run: tracking.JobRun | None, conf: Config, built: Built) -> Non
         if run is not None:
             run.log_metrics(at_init, step=0)
             run.log_text("\n".join(built.gradients.names), "grad_layers.txt")
+    return size
 
 
 def report_to(trial: JobTrial | None, conf: Config) -> Callable[[dict[str, float], int], None] | None:
@@ -251,7 +251,8 @@ def record_end(run: tracking.JobRun | None, conf: Config, built: Built, metrics:
                best: Path | None, seed: int) -> None:
     """The test metrics, the run's name with its result, the best checkpoint, and the lesion study."""
     if run is not None:
-        run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc", *COSTS)}, step=conf.trainer.epochs)
+        # train_seconds: fit's wall time (training, each epoch's validation and recording; parallel trials share cores)
+        run.log_metrics({k: metrics[k] for k in ("test_loss", "test_acc", "train_seconds")}, step=conf.trainer.epochs)
         name, value = conf.objective[0], metrics[conf.objective[0]]
         run.name_result(f"{100 * value:.1f}%" if name.endswith("acc") else
                         f"loss {value:.4g}" if name.endswith("loss") else f"{name} {value:.4g}")

@@ -40,6 +40,7 @@ from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from resnet_sweep import claims as claim_checks  # noqa: E402
+from resnet_sweep.config import COSTS, direction  # noqa: E402
 
 GRAD = re.compile(r"weight_grad/(\d+)$")
 RATIO = "grad_ratio_first_last"
@@ -313,25 +314,39 @@ def objectives(trials: list[Trial]) -> list[str]:
     return re.findall(r"[\w.]+", recorded)
 
 
+def _per_trial(runs: list[Trial], tags: dict[str, dict[str, str]], names: list[str]) -> list[tuple[Trial, dict, bool]]:
+    """(a run, the objectives' means over its trial's seed runs, whether the trial is Pareto-optimal)."""
+    trials: dict[str, list[Trial]] = defaultdict(list)
+    for t in runs:
+        trials[tags.get(t.run_id, {}).get("optuna.trial", t.run_id)].append(t)
+    return [(same[0], {n: statistics.fmean(t.final[n] for t in same) for n in names},
+             any(tags.get(t.run_id, {}).get("pareto") == "true" for t in same)) for same in trials.values()]
+
+
 def pareto_front(trials: list[Trial], tags: dict[str, dict[str, str]], out: Path, title: str) -> Path:
-    """Accuracy against cost for every finished trial, the Pareto-optimal ones (tagged pareto=true by the
-    sweep) joined and labelled by net; the first objective on the y axis, the second on x (log scale)."""
-    y_name, x_name = objectives(trials)[:2]
-    done = [t for t in trials if t.status == "FINISHED" and x_name in t.final and y_name in t.final]
-    front = sorted((t for t in done if tags.get(t.run_id, {}).get("pareto") == "true"), key=lambda t: t.final[x_name])
+    """Every finished trial (the mean over its seeds) by two of its objectives, a metric up the y axis and a
+    cost along x (log scale) where there is one; the Pareto-optimal trials circled and labelled by net,
+    and joined where there are just two objectives (with more, the front is not a line in this plane)."""
+    names = objectives(trials)
+    y_name = next((n for n in names if n not in COSTS), names[0])
+    x_name = next(n for n in names if n != y_name)
+    done = _per_trial([t for t in trials if t.status == "FINISHED" and all(n in t.final for n in names)], tags, names)
+    front = sorted(((t, v) for t, v, best in done if best), key=lambda tv: tv[1][x_name])
     scale = 100 if y_name.endswith("acc") else 1
     fig, ax = plt.subplots(figsize=(8, 5))
-    for family in sorted({t.params.get("model.family", "") for t in done}):
-        mine = [t for t in done if t.params.get("model.family", "") == family]
-        ax.scatter([t.final[x_name] for t in mine], [scale * t.final[y_name] for t in mine], alpha=0.45, s=28,
+    for family in sorted({t.params.get("model.family", "") for t, _, _ in done}):
+        mine = [v for t, v, _ in done if t.params.get("model.family", "") == family]
+        ax.scatter([v[x_name] for v in mine], [scale * v[y_name] for v in mine], alpha=0.45, s=28,
                    color=FAMILY_COLOR.get(family, "tab:gray"), label=f"{family or 'trial'} (every trial)")
-    ax.plot([t.final[x_name] for t in front], [scale * t.final[y_name] for t in front], "k-o", markersize=7,
-            markerfacecolor="none", label="Pareto front")
-    for t in front:
+    ax.plot([v[x_name] for _, v in front], [scale * v[y_name] for _, v in front], "k-o" if len(names) == 2 else "ko",
+            markersize=7, markerfacecolor="none", label="Pareto-optimal")
+    for t, v in front:
         ax.annotate(f"{t.params.get('model.family', '')}-{t.params.get('model.depth', '')}",
-                    (t.final[x_name], scale * t.final[y_name]), textcoords="offset points", xytext=(5, -12), fontsize=8)
-    ax.set(xscale="log", xlabel=f"{x_name} (log scale; fewer is better)",
-           ylabel=f"{y_name}{' (%)' if scale == 100 else ''}", title=title)
+                    (v[x_name], scale * v[y_name]), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    better = {n: "fewer is better" if direction(n) == "minimize" else "more is better" for n in (x_name, y_name)}
+    ax.set(xscale="log" if x_name in COSTS else "linear", xlabel=f"{x_name} ({better[x_name]}"
+           f"{', log scale' if x_name in COSTS else ''})", ylabel=f"{y_name}{' (%)' if scale == 100 else ''} "
+           f"({better[y_name]})", title=title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, out / "pareto_front.png")

@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 
 from resnet_sweep import faults, launchers, stores, tracking, trials
 from resnet_sweep import space as spaces
-from resnet_sweep.config import ConfigError, validate
+from resnet_sweep.config import ConfigError, listed, quoted, validate
 from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.trials import counted
 from resnet_sweep.workers import SWEEPER_PID_ENV, Terminated, install_sigterm_handler, uninterrupted
@@ -215,13 +215,15 @@ class ResnetOptunaSweeper(Sweeper):
             del job_config["hydra"]
         conf = validate(job_config, sweep_direction=self.s.direction)
         if len(conf.objective) > 1 and not isinstance(self.pruner, optuna.pruners.NopPruner):
-            raise ConfigError(f"pruner={type(self.pruner).__name__}: Optuna prunes only single-objective studies, and "
-                              f"objective={conf.objective} has {len(conf.objective)}; add pruner=none")
+            raise ConfigError(f"pruner={self.config.hydra.runtime.choices.get('pruner', type(self.pruner).__name__)}: "
+                              f"Optuna prunes only single-objective studies, and objective={listed(conf.objective)} "
+                              f"has {len(conf.objective)}; add pruner=none")
         if test := next((name for name in conf.objective if name.startswith("test_")), None):
+            instead = quoted("objective", [n.replace("test_", "val_") for n in conf.objective])
             raise ConfigError(f"objective={test}: a sweep must not choose hyperparameters on the test "
                               f"set, or the test accuracy of its best trial is no longer an unbiased estimate. Sweep "
-                              f"on objective=val_acc (or val_loss with hydra.sweeper.direction=minimize); every run "
-                              f"still records test_acc and test_loss")
+                              f"on {instead}" + (" (or val_loss with hydra.sweeper.direction=minimize)" if len(
+                                  conf.objective) == 1 else "") + "; every run still records test_acc and test_loss")
         if len(str(self.s.study_name)) > MAX_STUDY_NAME:
             raise ConfigError(f"hydra.sweeper.study_name is {len(str(self.s.study_name))} characters long; Optuna "
                               f"keeps at most {MAX_STUDY_NAME}: choose a shorter one (or a shorter "
@@ -610,7 +612,8 @@ class ResnetOptunaSweeper(Sweeper):
             front = sorted(study.best_trials, key=lambda t: t.number)
             results["solutions"] = [{"trial": t.number, "params": t.params, "values": t.values,
                                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in front]
-            self.parent.tag_pareto([t.user_attrs.get("mlflow_run_id") for t in front])
+            self.parent.tag_pareto([r for t in front for r in t.user_attrs.get("mlflow_run_ids") or  # every seed's
+                                    [t.user_attrs.get("mlflow_run_id")]])
             log.info("Pareto-optimal trials (%s): %s", ", ".join(f"{n} {d}" for n, d in zip(
                 self.config.objective, self._directions())), "; ".join(
                 f"trial {t.number}: {[float(f'{v:.4g}') for v in t.values]} {t.params}" for t in front))

@@ -211,8 +211,9 @@ class StudyRun:
             # tags and metrics, not params: a rerun of the study may find a better trial
             job.set_tags({"best.trial": results["best_trial"], "best.run_id": results["best_mlflow_run_id"],
                           "best.params": results["best_params"], "best.value": results["best_value"]})
-            job.log_metrics({"best_value": results["best_value"],
-                             **{f"trials_{k.lower()}": v for k, v in results["trials"].items()}},
+            job.log_metrics({"best_value": results["best_value"]}, step=sum(results["trials"].values()))
+        if results:  # several objectives have no best value, but their counts
+            job.log_metrics({f"trials_{k.lower()}": v for k, v in results["trials"].items()},
                             step=sum(results["trials"].values()))
         if failed:
             job.set_tags({"failure_reason": failed})

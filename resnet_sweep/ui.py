@@ -17,6 +17,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+from resnet_sweep.config import direction
 from resnet_sweep.errors import UserError, exit_with
 
 
@@ -26,7 +27,7 @@ def runs_url(base: str, experiment_id: str, objective: str) -> str:
         "workflowType": "machine_learning",  # MLflow's "Model training" mode, whatever the browser last used
         "searchFilter": "tags.role != 'sweep'",
         "orderByKey": f"metrics.`{objective}`",
-        "orderByAsc": str(objective.endswith("loss")).lower(),
+        "orderByAsc": str(direction(objective) == "minimize").lower(),
     })
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 

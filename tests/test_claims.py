@@ -59,6 +59,15 @@ def test_one_run_a_side_is_undecided_with_no_interval() -> None:
     assert "no interval" in v.interval()
 
 
+def test_a_claim_on_a_nets_size_needs_no_spread() -> None:
+    params = [{"model.depth": d} for d in ("56", "56", "20", "20")]
+    metrics = [{"num_parameters": n} for n in (853018.0, 853018.0, 269722.0, 269722.0)]
+    spec = {"metric": "num_parameters", "a": {"model": {"depth": "max"}}, "b": {"model": {"depth": "min"}},
+            "a_is": "above"}
+    v = claims.check("bigger", spec, params, metrics)
+    assert (v.verdict, v.low, v.high) == (claims.HOLDS, 583296.0, 583296.0)
+
+
 def test_a_log10_claim_counts_orders_of_magnitude_and_a_ratio_that_underflowed_to_zero() -> None:
     params = [{"model.activation": a} for a in ("sigmoid", "sigmoid", "relu", "relu")]
     metrics = [{"r": 1e-12}, {"r": 0.0}, {"r": 0.5}, {"r": 2.0}]
@@ -165,10 +174,11 @@ def test_compare_two_sweeps_with_their_claims_checked(workdir: Path) -> None:
 @pytest.mark.parametrize(("objective", "direction", "says"), [
     ("[val_acc,num_parameters]", "[maximize,minimize]", None),
     ("[val_acc,train_seconds,flops_per_sample]", "[maximize,minimize,minimize]", None),
-    ("[val_acc,num_parameters]", "maximize", "set hydra.sweeper.direction=[maximize,minimize]"),
-    ("[val_acc,num_parameters]", "[maximize,maximize]", "set hydra.sweeper.direction=[maximize,minimize]"),
+    ("[val_acc,num_parameters]", "maximize", "set 'hydra.sweeper.direction=[maximize,minimize]'"),
+    ("[val_acc,num_parameters]", "[maximize,maximize]", "set 'hydra.sweeper.direction=[maximize,minimize]'"),
     ("[val_acc,num_params]", "[maximize,minimize]", "objective=[val_acc,num_params]: choose one of"),
     ("[val_acc,val_acc]", "[maximize,maximize]", "a list of different ones"),
+    ("null", "maximize", "objective=None: choose one of val_acc"),
 ])
 def test_several_objectives_take_one_direction_each(objective: str, direction: str, says: str | None) -> None:
     cfg = compose_config(f"objective={objective}", "tracking.uri=sqlite:////tmp/m.db", "tracking.artifact_location=/tmp")
@@ -214,5 +224,6 @@ def test_pruning_several_objectives_is_refused_before_anything_is_created(workdi
                   "pruner=median", "trainer.epochs=1", "data.train_subset=128")
     assert res.returncode == 2, res.stderr[-3000:]
     lines = [line for line in (res.stdout + res.stderr).splitlines() if "Optuna prunes only single-objective" in line]
-    assert len(lines) == 1 and "add pruner=none" in lines[0] and "Traceback" not in res.stderr
+    assert len(lines) == 1 and "Traceback" not in res.stderr
+    assert "pruner=median:" in lines[0] and "objective=[val_acc,num_parameters] has 2; add pruner=none" in lines[0]
     assert not (workdir / "optuna.db").exists() and not (workdir / "mlflow.db").exists()
