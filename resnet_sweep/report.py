@@ -340,9 +340,11 @@ def pareto_front(trials: list[Trial], tags: dict[str, dict[str, str]], out: Path
                    color=FAMILY_COLOR.get(family, "tab:gray"), label=f"{family or 'trial'} (every trial)")
     ax.plot([v[x_name] for _, v in front], [scale * v[y_name] for _, v in front], "k-o" if len(names) == 2 else "ko",
             markersize=7, markerfacecolor="none", label="Pareto-optimal")
+    at: dict[tuple[float, float], list[str]] = defaultdict(list)  # nets at one point share one label
     for t, v in front:
-        ax.annotate(f"{t.params.get('model.family', '')}-{t.params.get('model.depth', '')}",
-                    (v[x_name], scale * v[y_name]), textcoords="offset points", xytext=(5, -12), fontsize=8)
+        at[(v[x_name], scale * v[y_name])].append(f"{t.params.get('model.family', '')}-{t.params.get('model.depth', '')}")
+    for point, nets in at.items():
+        ax.annotate(", ".join(nets), point, textcoords="offset points", xytext=(6, -12), fontsize=8)
     better = {n: "fewer is better" if direction(n) == "minimize" else "more is better" for n in (x_name, y_name)}
     ax.set(xscale="log" if x_name in COSTS else "linear", xlabel=f"{x_name} ({better[x_name]}"
            f"{', log scale' if x_name in COSTS else ''})", ylabel=f"{y_name}{' (%)' if scale == 100 else ''} "
@@ -404,10 +406,12 @@ def to_markdown(rows: list[dict[str, str]]) -> str:
 
 def verdicts(top: Run, trials: list[Trial]) -> tuple[dict[str, Any], list[claim_checks.Verdict]]:
     """The claims recorded on a sweep's run (its experiment's `claims:`) and their verdicts on its trials;
-    a run that did not finish counts as one without the metric."""
+    a run that failed counts as one without the metric, one interrupted (KILLED: its trial ran again as
+    another run) not at all."""
     specs = json.loads(top.data.tags.get(claim_checks.CLAIMS_TAG, "{}"))
-    done = [t.final if t.status == "FINISHED" else {} for t in trials]
-    return specs, claim_checks.check_all(specs, [t.params for t in trials], done)
+    runs = [t for t in trials if t.status != "KILLED"]
+    done = [t.final if t.status == "FINISHED" else {} for t in runs]
+    return specs, claim_checks.check_all(specs, [t.params for t in runs], done)
 
 
 def claims_section(client: MlflowClient, top: Run, trials: list[Trial]) -> list[str]:
@@ -457,7 +461,8 @@ def write_report(uri: str, experiment: str | None = None, run_id: str | None = N
                                                        f"{len(finished)} trials, the Pareto front joined"))
         front = ["## Pareto-optimal trials (tagged pareto=true)", "", to_markdown([
             {"run": t.run_id, "net": f"{t.params.get('model.family')}-{t.params.get('model.depth')}",
-             **{name: f"{t.final[name]:.4g}" for name in objectives(trials) if name in t.final}}
+             **{name: f"{t.final[name]:,.0f}" if name in claim_checks.EXACT else f"{t.final[name]:.4g}"
+                for name in objectives(trials) if name in t.final}}
             for t in finished if tags.get(t.run_id, {}).get("pareto") == "true"])]
     lesions = lesion_table(trials)
     if lesions:
@@ -533,6 +538,12 @@ def _labels(sweeps: list[Sweep]) -> None:
     keys = sorted({k for v in values for k in v})
     differ = [k for k in keys if not k.startswith(NOT_A_SETTING) and all(len(v.get(k, {None})) == 1 for v in values)
               and len({next(iter(v.get(k, {None}))) for v in values}) > 1]
+    # what the commands set, first: a key given on a command line; for a group chosen there (data=...),
+    # its name (data.name), not every value the preset brings (data.mean, data.std, ...)
+    given = {o.split("=", 1)[0].lstrip("+~") for s in sweeps for o in s.top.data.tags.get("hydra.overrides", "").split()}
+    named = [k for k in differ if k in given or (k.split(".")[0] in given and (
+        k.endswith(".name") or f"{k.split('.')[0]}.name" not in differ))]
+    differ = named or differ
     for sweep, v in zip(sweeps, values):
         sweep.label = ", ".join(f"{k}={next(iter(v.get(k, {None})))}" for k in differ[:4])
     for sweep in sweeps:

@@ -616,7 +616,7 @@ class ResnetOptunaSweeper(Sweeper):
                                     [t.user_attrs.get("mlflow_run_id")]])
             log.info("Pareto-optimal trials (%s): %s", ", ".join(f"{n} {d}" for n, d in zip(
                 self.config.objective, self._directions())), "; ".join(
-                f"trial {t.number}: {[float(f'{v:.4g}') for v in t.values]} {t.params}" for t in front))
+                f"trial {t.number}: {[float(f'{v:.6g}') for v in t.values]} {t.params}" for t in front))
         path = Path(f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
         path.parent.mkdir(parents=True, exist_ok=True)  # a rerun with nothing left to do launches no job
         OmegaConf.save(OmegaConf.create(results), path)
