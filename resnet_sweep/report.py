@@ -157,14 +157,20 @@ def depth_vs_accuracy(trials: list[Trial], out: Path, title: str) -> Path:
                                 for t in by_depth[d]]) for d in depths]
             ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats] if seeds > 1 else None, marker="o",
                         capsize=4, color=FAMILY_COLOR.get(family[0]), label=f"{family[0]}")
+    for ax in _depth_axes(ax_train, ax_test):
+        ax.legend(title=f"family (mean ± std over {seeds} seeds)" if seeds > 1 else "family (one run per depth)")
+    return _save(fig, out / "depth_vs_accuracy.png", title)
+
+
+def _depth_axes(ax_train: Any, ax_test: Any) -> tuple[Any, Any]:
+    """Label the two panels of a depth-vs-accuracy figure (training error | test accuracy); returns them."""
     ax_train.set(xlabel="depth (weighted layers)", ylabel="training error at the last epoch (%)",
                  title="Training error: lower is better")
     ax_test.set(xlabel="depth (weighted layers)", ylabel="test accuracy (%)", title="Test accuracy: higher is better")
     for ax in (ax_train, ax_test):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(title=f"family (mean ± std over {seeds} seeds)" if seeds > 1 else "family (one run per depth)")
-    return _save(fig, out / "depth_vs_accuracy.png", title)
+    return ax_train, ax_test
 
 
 def _training_axes(axes: Any, trials: list[Trial], families: list[str], note: str = "") -> None:
@@ -576,12 +582,7 @@ def compare_depth(sweeps: list[Sweep], out: Path) -> Path:
                 _band(ax, [int(d[0]) for d in depths], [[100 * (1 - t.final[metric]) if err else 100 * t.final[metric]
                                                          for t in by_depth[d] if metric in t.final] for d in depths],
                       **style)
-    ax_train.set(xlabel="depth (weighted layers)", ylabel="training error at the last epoch (%)",
-                 title="Training error: lower is better")
-    ax_test.set(xlabel="depth (weighted layers)", ylabel="test accuracy (%)", title="Test accuracy: higher is better")
-    for ax in (ax_train, ax_test):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in _depth_axes(ax_train, ax_test):
         ax.set_ylim(max(0.0, ax.get_ylim()[0]), min(100.0, ax.get_ylim()[1]))  # a band past 0 or 100 % says no more
     ax_test.legend(title="mean over seeds; band: its 95 % t interval (2+ seeds)", fontsize=8, title_fontsize=8)
     return _save(fig, out / "depth_vs_accuracy.png", "Depth vs accuracy: " + " | ".join(
