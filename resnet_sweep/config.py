@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
 
+from resnet_sweep.claims import flat
 from resnet_sweep.errors import UserError
 from resnet_sweep.architectures import ACTIVATION_NAMES, ARTICLE_DEPTH, IMAGENET_DEPTHS, cifar_depths
 
@@ -279,7 +280,7 @@ class ClaimConfig:
         for side in ("a", "b"):
             _check(bool(getattr(self, side)), f"{at}.{side} is empty: give the config values that pick its runs, "
                                               f"e.g. {side}: {{model: {{family: plain, depth: max}}}}")
-            for key in _leaves(getattr(self, side)):
+            for key in flat(getattr(self, side)):
                 _check(OmegaConf.select(cfg, key, default=MISSING) is not MISSING,
                        f"{at}.{side} picks runs by {key}, which is not a config key: use keys that "
                        f"`python -m resnet_sweep --cfg job` shows, e.g. model.depth")
@@ -358,11 +359,6 @@ def listed(names: list[str], suffix: str = "") -> str:
 def quoted(key: str, names: list[str]) -> str:
     """key=value to type in a shell: a list quoted (zsh would expand its brackets)."""
     return f"{key}={names[0]}" if len(names) == 1 else f"'{key}={listed(names)}'"
-
-
-def _leaves(node: Any, prefix: str = "") -> list[str]:
-    return [leaf for k, v in node.items() for leaf in (_leaves(v, f"{prefix}{k}.") if isinstance(v, dict)
-                                                        else [f"{prefix}{k}"])]
 
 
 def short_hash(value: Any) -> str:

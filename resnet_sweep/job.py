@@ -214,7 +214,7 @@ def record_start(run: tracking.JobRun | None, conf: Config, built: Built) -> dic
     if run is not None:
         data = built.data
         run.log_dataset(conf.data.name.name, len(data.train), len(data.val), len(data.test))
-        run.log_params({"model.num_parameters": count_parameters(built.model), "device": built.device,
+        run.log_params({"model.num_parameters": int(size["num_parameters"]), "device": built.device,
                         "torch.threads": torch.get_num_threads()})
         run.log_metrics(size, step=0)
     if built.gradients is not None:

@@ -153,13 +153,17 @@ def depth_vs_accuracy(trials: list[Trial], out: Path, title: str) -> Path:
         depths = sorted(by_depth, key=lambda d: int(d[0]))
         x = [int(d[0]) for d in depths]
         for ax, metric, err in ((ax_train, "train_acc", True), (ax_test, "test_acc", False)):
-            stats = [_mean_std([100 * (1 - t.final[metric]) if err else 100 * t.final[metric]
-                                for t in by_depth[d]]) for d in depths]
+            stats = [_mean_std([_percent(t, metric, err) for t in by_depth[d]]) for d in depths]
             ax.errorbar(x, [m for m, _ in stats], yerr=[s for _, s in stats] if seeds > 1 else None, marker="o",
                         capsize=4, color=FAMILY_COLOR.get(family[0]), label=f"{family[0]}")
     for ax in _depth_axes(ax_train, ax_test):
         ax.legend(title=f"family (mean ± std over {seeds} seeds)" if seeds > 1 else "family (one run per depth)")
     return _save(fig, out / "depth_vs_accuracy.png", title)
+
+
+def _percent(trial: Trial, metric: str, error: bool) -> float:
+    """An accuracy in %, or its error (100 - it) where the panel shows error."""
+    return 100 * (1 - trial.final[metric]) if error else 100 * trial.final[metric]
 
 
 def _depth_axes(ax_train: Any, ax_test: Any) -> tuple[Any, Any]:
@@ -427,7 +431,6 @@ def claims_section(client: MlflowClient, top: Run, trials: list[Trial]) -> list[
         return []
     for v in found:
         client.set_tag(top.info.run_id, claim_checks.VERDICT_TAG.format(v.name), v.verdict)
-    for v in found:
         print(f"claim {v.name}: {v.verdict.upper()}{f' - {v.says}' if v.says else ''}; a - b = {v.interval()} "
               f"(runs {v.n_a} / {v.n_b}{f'; {v.note}' if v.note else ''})")
     return ["## Claims", "", CLAIMS_NOTE, "", to_markdown(claim_checks.table(found, specs))]
@@ -579,9 +582,8 @@ def compare_depth(sweeps: list[Sweep], out: Path) -> Path:
             style = {"color": FAMILY_COLOR.get(family), "linestyle": SWEEP_STYLES[i % 4],
                      "marker": SWEEP_MARKERS[i % 4], "label": f"{family}, {sweep.label}"}
             for ax, metric, err in ((ax_train, "train_acc", True), (ax_test, "test_acc", False)):
-                _band(ax, [int(d[0]) for d in depths], [[100 * (1 - t.final[metric]) if err else 100 * t.final[metric]
-                                                         for t in by_depth[d] if metric in t.final] for d in depths],
-                      **style)
+                _band(ax, [int(d[0]) for d in depths],
+                      [[_percent(t, metric, err) for t in by_depth[d] if metric in t.final] for d in depths], **style)
     for ax in _depth_axes(ax_train, ax_test):
         ax.set_ylim(max(0.0, ax.get_ylim()[0]), min(100.0, ax.get_ylim()[1]))  # a band past 0 or 100 % says no more
     ax_test.legend(title="mean over seeds; band: its 95 % t interval (2+ seeds)", fontsize=8, title_fontsize=8)

@@ -214,6 +214,7 @@ class ResnetOptunaSweeper(Sweeper):
         with open_dict(job_config):
             del job_config["hydra"]
         conf = validate(job_config, sweep_direction=self.s.direction)
+        self.objectives = conf.objective  # their names, a list (validate), for the progress lines and the front
         if len(conf.objective) > 1 and not isinstance(self.pruner, optuna.pruners.NopPruner):
             raise ConfigError(f"pruner={self.config.hydra.runtime.choices.get('pruner', type(self.pruner).__name__)}: "
                               f"Optuna prunes only single-objective studies, and objective={listed(conf.objective)} "
@@ -555,10 +556,8 @@ class ResnetOptunaSweeper(Sweeper):
         states = ", ".join(f"{n} {s.name}" for s in trials.FINISHED if (n := sum(t.state == s for t in done)))
         elapsed, left = time.monotonic() - self._started, max(self.n_trials - len(done), 0)
         eta = f", about {_duration(elapsed / self._done_here * left)} left" if left else ""
-        names = self.config.get("objective", "objective")
-        names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
         result = trial.state.name if not trial.values else f"{trial.state.name}, " + ", ".join(
-            f"{n} {v:.4g}" for n, v in zip(names, trial.values))
+            f"{n} {v:.4g}" for n, v in zip(self.objectives, trial.values))
         if number in trials.interrupted(all_trials):
             result = "interrupted (to run again)"
         best = ""
@@ -615,7 +614,7 @@ class ResnetOptunaSweeper(Sweeper):
             self.parent.tag_pareto([r for t in front for r in t.user_attrs.get("mlflow_run_ids") or  # every seed's
                                     [t.user_attrs.get("mlflow_run_id")]])
             log.info("Pareto-optimal trials (%s): %s", ", ".join(f"{n} {d}" for n, d in zip(
-                self.config.objective, self._directions())), "; ".join(
+                self.objectives, self._directions())), "; ".join(
                 f"trial {t.number}: {[float(f'{v:.6g}') for v in t.values]} {t.params}" for t in front))
         path = Path(f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
         path.parent.mkdir(parents=True, exist_ok=True)  # a rerun with nothing left to do launches no job
