@@ -17,6 +17,14 @@ from resnet_sweep import presets
 
 ROOT = Path(__file__).resolve().parent.parent
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The suite runs 4 test processes on a 2-core machine: one thread each for what tests train in-process,
+    # else torch's default (a thread per core) in every one oversubscribes the cores ~4x. The commands the
+    # tests start set their own (run_cli's `threads`).
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def run_cli(cwd: Path, *args: str, module: str = "resnet_sweep", timeout: int = 600,
             threads: str | None = "1") -> subprocess.CompletedProcess:

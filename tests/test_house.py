@@ -77,6 +77,7 @@ def test_the_modules_that_write_runs_never_import_those_that_read_them() -> None
     assert "report" not in {n.split()[-1] for n in source.splitlines() if n.strip().startswith(("import", "from"))}
 
 
+@pytest.mark.slow  # starts each command
 @pytest.mark.parametrize(("module", "says"), [
     ("resnet_sweep", ["-m", "experiment=degradation", "resnet_sweep.report", "resnet_sweep.summary", "resnet_sweep.ui",
                       "Config groups", "model: article", "mlflow.db", "presets"]),

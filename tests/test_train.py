@@ -38,7 +38,9 @@ def test_same_seed_same_result_and_another_seed_another() -> None:
     assert train(epochs=1, seed=1)[1]["train_loss"] != first
 
 
-@pytest.mark.parametrize("trainer", [{"precision": Precision.bf16}, {"precision": Precision.fp16},
+# fp16 on a CPU without native fp16 (no AVX512-FP16/AMX-FP16): ~1 s a step here, so it runs with the slow tests
+@pytest.mark.parametrize("trainer", [{"precision": Precision.bf16},
+                                     pytest.param({"precision": Precision.fp16}, marks=pytest.mark.slow),
                                      {"channels_last": True}])
 def test_fast_paths_still_learn_on_the_cpu(trainer: dict) -> None:
     _, metrics = train(**trainer)
@@ -115,6 +117,7 @@ def test_a_warmup_as_long_as_the_training_says_the_lr_never_peaks(caplog: pytest
     assert "warmup_epochs" not in caplog.text
 
 
+@pytest.mark.slow  # fp16 on the CPU: see test_fast_paths_still_learn_on_the_cpu
 def test_fp16_scales_its_loss() -> None:
     scaled = []
     original = torch.amp.GradScaler.scale
