@@ -13,8 +13,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from resnet_sweep.config import validate
 from resnet_sweep.errors import UserError, exit_with
 from resnet_sweep.presets import register
+from resnet_sweep.stores import check_store
 from resnet_sweep.workers import Terminated
 
 register()  # the typed schema that conf/config.yaml names as `base_config`
@@ -22,10 +24,14 @@ register()  # the typed schema that conf/config.yaml names as `base_config`
 
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    from resnet_sweep.job import run
-
     single = HydraConfig.get().mode != RunMode.MULTIRUN
     try:
+        if single:  # bad input, found before the job imports torch and MLflow (~8 s of CPU): the job checks it again
+            conf = validate(cfg)
+            if conf.tracking.enabled:
+                check_store(conf.tracking.uri, "tracking.uri")
+        from resnet_sweep.job import run
+
         return run(cfg)
     except UserError as exc:
         if not single:
