@@ -31,7 +31,6 @@ from resnet_sweep.data import Data, probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.lesion import lesion_study
 from resnet_sweep.models import build_model, count_parameters, flops_per_sample, removable_blocks
-from resnet_sweep.stores import check_store
 from resnet_sweep.train import (NonFiniteLoss, Schedule, build_optimizer, build_schedule, fit, resolve_device,
                                  seed_everything, steps_per_epoch)
 from resnet_sweep.trials import JobStopped, JobTrial, TrialEnded
@@ -56,8 +55,7 @@ def run(cfg: DictConfig) -> float:
     sweeping = hc.mode == RunMode.MULTIRUN
     conf: Config = validate(cfg, sweep_direction=hc.sweeper.get("direction") if sweeping else None)
     resolve_device(conf.trainer.device)  # a device this machine lacks fails here, before any data or run
-    if conf.tracking.enabled and not sweeping:  # a sweep checked its stores before it launched this job
-        check_store(conf.tracking.uri, "tracking.uri")
+    # the store was checked before: a single run's in __main__ (before these imports), a sweep's by the sweeper
     install_sigterm_handler()  # SIGTERM ends the run KILLED (and its trial FAIL) instead of vanishing
     label_logs(f"[trial {conf.sweep.trial}] " if sweeping and conf.sweep.trial is not None else "")
     threads = conf.trainer.threads or (worker_threads(hc) if sweeping else None)
