@@ -18,9 +18,9 @@ from resnet_sweep import presets
 ROOT = Path(__file__).resolve().parent.parent
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # The suite runs 4 test processes on a 2-core machine: one thread each for what tests train in-process,
-    # else torch's default (a thread per core) in every one oversubscribes the cores ~4x. The commands the
-    # tests start set their own (run_cli's `threads`).
+    # Several test processes share the cores (the README runs 4 on 2 cores): one thread each for what tests
+    # train in-process, else torch's default (a thread per core) in every one oversubscribes them. The
+    # commands the tests start set their own (run_cli's `threads`).
     import torch
 
     torch.set_num_threads(1)
