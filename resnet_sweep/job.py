@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from resnet_sweep import data as datasets
-from resnet_sweep import tracking
+from resnet_sweep import stores, tracking
 from resnet_sweep.config import Config, validate
 from resnet_sweep.data import Data, probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
@@ -50,7 +50,7 @@ class Pruned(Exception):
 def run(cfg: DictConfig) -> float:
     """The task function's body: a single run, or one trial of a sweep (which tells its trial the result)."""
     tracking.job_started()
-    tracking.mask_passwords_in_logs()
+    stores.mask_passwords_in_logs()
     hc = HydraConfig.get()
     sweeping = hc.mode == RunMode.MULTIRUN
     conf: Config = validate(cfg, sweep_direction=hc.sweeper.get("direction") if sweeping else None)

@@ -10,12 +10,15 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
+import re
 import sqlite3
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from resnet_sweep.errors import UserError
 
@@ -77,6 +80,16 @@ def lock_holders(url: str) -> dict[int, str]:
         except OSError:
             pass
     held.pop(os.getpid(), None)
+    return held
+
+
+def stuck_holders(urls: list[str], looks: int = 3, gap: float = 0.5) -> set[int]:
+    """The processes that hold a lock on one of these SQLite stores at each of `looks` looks `gap` s apart: a
+    process that merely reads or writes at one instant (a busy worker, not a stuck one) is not among them."""
+    held = {p for url in urls for p in lock_holders(url)}
+    for _ in range(looks - 1):
+        time.sleep(gap)
+        held &= {p for url in urls for p in lock_holders(url)}
     return held
 
 
@@ -242,3 +255,49 @@ def store_lock(url: str, purpose: str = "optuna") -> Iterator[None]:
         engine.dispose()
     else:
         yield
+
+
+# URL passwords kept out of logs and messages: here, not in tracking.py, so that the sweeper (which Hydra
+# imports in every command, to list its plugins) does not import MLflow with it.
+
+_masking: list[bool] = []  # installed once per process (another factory may be installed over ours)
+
+
+def mask_passwords_in_logs() -> None:
+    """Mask URL passwords in every log line of this process, console and Hydra's log files alike: Hydra
+    logs each job's overrides, which may carry a database URL. Done where records are made, since the
+    launchers reconfigure logging (and its handlers) on every launch."""
+    if _masking:
+        return
+    _masking.append(True)
+    make = logging.getLogRecordFactory()
+
+    def masked(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 (a malformed record is logging's to report, not ours)
+            return record
+        if "@" in message:
+            record.msg, record.args = mask_passwords(message), ()
+        return record
+
+    logging.setLogRecordFactory(masked)
+
+
+def safe_url(url: str) -> str:
+    """One URL (a store's) with its password masked, as SQLAlchemy renders it; anything else unchanged."""
+    from sqlalchemy.engine import make_url  # here: a command refused early need not import SQLAlchemy
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # a path, not a URL
+        return url
+
+
+def mask_passwords(text: str) -> str:
+    """Free text (a log line, a config file, a param) with the password of every URL in it masked. Our own
+    pattern, since SQLAlchemy renders one URL but does not find URLs in text. It also matches URLs as
+    Hydra logs overrides, with `:` escaped: postgresql\\://user\\:password@host."""
+    return re.sub(r"(:\\?//)([^:/@\s\\]+)(\\?:)[^@]*@", r"\1\2\3***@", text)

@@ -40,7 +40,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
-from resnet_sweep import faults, launchers, stores, tracking, trials
+from resnet_sweep import faults, launchers, stores, trials
 from resnet_sweep import space as spaces
 from resnet_sweep.config import ConfigError, listed, quoted, validate
 from resnet_sweep.errors import UserError, exit_with
@@ -92,7 +92,7 @@ class ResnetOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         install_sigterm_handler()
-        tracking.mask_passwords_in_logs()
+        stores.mask_passwords_in_logs()
         self.parent = None
         try:  # before any study, run or trial exists
             space, fixed = self._space(arguments)
@@ -100,6 +100,10 @@ class ResnetOptunaSweeper(Sweeper):
             self.n_trials = self._n_trials(space)
         except UserError as exc:
             exit_with(exc)
+        # not at the top: Hydra imports this module in every command (to list its plugins), and MLflow takes
+        # ~3.5 s to import, which --help, --cfg and a refused command need not pay
+        from resnet_sweep import tracking
+
         if self.kind == launchers.WORKERS:
             os.environ[SWEEPER_PID_ENV] = str(os.getpid())  # before any worker starts: workers watch this process
         study, name = None, None
@@ -112,7 +116,7 @@ class ResnetOptunaSweeper(Sweeper):
                 name, self.records = study.study_name, trials.Records(self.storage, study.study_name, self.pruner)
                 history = self._same_space(study, space)  # refused before anything is written
                 study.set_user_attr(SPACES, history)
-                log.info("Study %s in %s: %d trials finished of n_trials=%d", name, tracking.safe_url(
+                log.info("Study %s in %s: %d trials finished of n_trials=%d", name, stores.safe_url(
                     str(self.s.storage)), len(counted(study.trials)), self.n_trials)
                 wait = self._warm() if len(counted(study.trials)) < self.n_trials else None
                 if (t := self.config.tracking).enabled:  # a fresh MLflow database is made while workers warm up
@@ -258,6 +262,8 @@ class ResnetOptunaSweeper(Sweeper):
                               f"({spaces.changes(last, now)}). Start a new study (add hydra.sweeper.study_name="
                               f"{study.study_name}-2), or add hydra.sweeper.allow_space_change=true to go on in this "
                               f"one with the new space")
+        from resnet_sweep import tracking  # see sweep()
+
         entry = {"space": now, "command": tracking.sweep_command(self.config)}
         return history if history and history[-1] == entry else [*history, entry]
 
@@ -348,8 +354,9 @@ class ResnetOptunaSweeper(Sweeper):
         fault = faults.classify(exc)
         if fault is None or fault.kind != "store locked":
             return False
-        uris = [str(self.s.storage), *([self.config.tracking.uri] if self.config.tracking.enabled else [])]
-        killed = [pid for pid in {p for uri in uris for p in stores.lock_holders(uri)} if launchers.kill_worker(pid)]
+        uris = [*([str(self.s.storage)] if fault.store != "tracking" else []),
+                *([self.config.tracking.uri] if self.config.tracking.enabled and fault.store != "study" else [])]
+        killed = [pid for pid in stores.stuck_holders(uris) if launchers.kill_worker(pid)]
         if killed:
             jobs = {n: self.records.find(n).user_attrs.get(trials.PROCESS, {}).get("pid") for n in self._in_flight}
             for number in [n for n, pid in jobs.items() if pid in killed]:
@@ -637,6 +644,8 @@ class ResnetOptunaSweeper(Sweeper):
         """If `exc` is a fault of the environment (faults.py): end the parent run KILLED where the store lets
         it, print one paragraph naming the resource and the fix, exit 75 (a damaged store: its check's
         message, exit 2)."""
+        from resnet_sweep import tracking  # see sweep()
+
         fault, t = faults.classify(exc), self.config.tracking
         if fault is None:
             return
@@ -662,7 +671,7 @@ class ResnetOptunaSweeper(Sweeper):
         if fault.kind == "store locked" and (holders := {p: c for v in where.values()
                                                          for p, c in stores.lock_holders(v).items()}):
             fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by {stores.named(holders)}")  # for good
-        where = {k: tracking.safe_url(v) for k, v in where.items()}
+        where = {k: stores.safe_url(v) for k, v in where.items()}
         print(f"Error: sweep stopped by a fault of the environment, {faults.paragraph(fault, where, then)}",
               file=sys.stderr)
         raise SystemExit(2 if fault.kind == "damaged store" else faults.EXIT_CODE)

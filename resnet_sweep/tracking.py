@@ -32,12 +32,10 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 from omegaconf import DictConfig, OmegaConf
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from resnet_sweep import faults
 from resnet_sweep.claims import CLAIMS_TAG
-from resnet_sweep.stores import create_whole, store_lock, wait_for_sqlite_locks
+from resnet_sweep.stores import create_whole, mask_passwords, safe_url, store_lock, wait_for_sqlite_locks
 from resnet_sweep.workers import Terminated, process_gone, process_tags
 
 log = logging.getLogger(__name__)
@@ -270,49 +268,9 @@ def end_study_run(cfg: DictConfig, status: str, reason: str) -> None:
             client.set_terminated(run_id, status)
 
 
-_masking: list[bool] = []  # installed once per process (another factory may be installed over ours)
-
-
-def mask_passwords_in_logs() -> None:
-    """Mask URL passwords in every log line of this process, console and Hydra's log files alike: Hydra
-    logs each job's overrides, which may carry a database URL. Done where records are made, since the
-    launchers reconfigure logging (and its handlers) on every launch."""
-    if _masking:
-        return
-    _masking.append(True)
-    make = logging.getLogRecordFactory()
-
-    def masked(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = make(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 (a malformed record is logging's to report, not ours)
-            return record
-        if "@" in message:
-            record.msg, record.args = mask_passwords(message), ()
-        return record
-
-    logging.setLogRecordFactory(masked)
-
-
 def record_tags(tags: dict[str, Any]) -> dict[str, str]:
     """Tags as MLflow takes them: keys it accepts, values within its limit, no URL passwords."""
     return {clean_key(k): shorten(mask_passwords(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
-
-
-def safe_url(url: str) -> str:
-    """One URL (a store's) with its password masked, as SQLAlchemy renders it; anything else unchanged."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:  # a path, not a URL
-        return url
-
-
-def mask_passwords(text: str) -> str:
-    """Free text (a log line, a config file, a param) with the password of every URL in it masked. Our own
-    pattern, since SQLAlchemy renders one URL but does not find URLs in text. It also matches URLs as
-    Hydra logs overrides, with `:` escaped: postgresql\\://user\\:password@host."""
-    return re.sub(r"(:\\?//)([^:/@\s\\]+)(\\?:)[^@]*@", r"\1\2\3***@", text)
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

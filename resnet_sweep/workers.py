@@ -183,7 +183,7 @@ _label: list[str] = []  # the current job's log label, once installed; a reused 
 def label_logs(label: str) -> None:
     """Start every log line of this job with `label` (its trial), so that the epoch lines of trials
     training side by side in parallel workers can be told apart. Done where records are made (as
-    tracking.mask_passwords_in_logs), since the launchers reconfigure logging handlers per job. The state
+    stores.mask_passwords_in_logs), since the launchers reconfigure logging handlers per job. The state
     lives here, not in __main__, which a launcher may pickle by value."""
     if _label:
         _label[0] = label

@@ -108,3 +108,23 @@ def test_the_processes_holding_an_sqlite_lock_are_named(tmp_path: Path) -> None:
         holder.kill()
         holder.wait()
     assert stores.lock_holders(url) == {} and stores.lock_free(url, wait=0.2)
+
+
+def test_only_a_process_that_keeps_a_lock_across_looks_is_taken_for_stuck(tmp_path: Path) -> None:
+    # a busy worker holds a store's lock for a moment (a read, a metric written); a stopped one keeps it
+    def hold(name: str, seconds: float) -> subprocess.Popen:
+        sqlite3.connect(tmp_path / name).execute("CREATE TABLE t (x)")
+        return subprocess.Popen([sys.executable, "-c", f"import sqlite3, time; c = sqlite3.connect({str(tmp_path / name)!r}, "
+                                 "isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); "
+                                 f"time.sleep({seconds}); c.execute('ROLLBACK'); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+
+    moment, stuck = hold("moment.db", 1.5), hold("stuck.db", 60)
+    urls = [f"sqlite:///{tmp_path / name}" for name in ("moment.db", "stuck.db")]
+    try:
+        assert moment.stdout.readline().strip() == "held" and stuck.stdout.readline().strip() == "held"
+        assert set(stores.lock_holders(urls[0])) == {moment.pid}  # held at the first look
+        assert stores.stuck_holders(urls, looks=2, gap=2.0) == {stuck.pid}
+    finally:
+        for proc in (moment, stuck):
+            proc.kill()
+            proc.wait()
