@@ -115,7 +115,7 @@ def _state(pid: int) -> str:
         return "zombie"
 
 
-def wait_for_epochs(log: Path, marker: str, epochs: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_epochs(log: Path, marker: str, epochs: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Until the log shows `epochs` epoch lines after `marker`: mid-trial, mid-sweep."""
     wait_for(log, marker, proc, timeout)
     deadline = time.monotonic() + timeout
@@ -144,7 +144,7 @@ def start(workdir: Path, *args: str, env: dict[str, str] | None = None) -> tuple
     return proc, log
 
 
-def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while text not in log.read_text():
         assert proc.poll() is None, log.read_text()[-3000:]

@@ -40,7 +40,7 @@ class Cluster:
 
     def sweep(self, workdir: Path, name: str, *args: str) -> str:
         proc, log = self.start(workdir, name, *args)
-        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
         return log.read_text()
 
     def study(self, name: str) -> optuna.Study:
@@ -84,7 +84,7 @@ def slurm_id(trial: optuna.trial.FrozenTrial) -> str:
     return str(trial.user_attrs["job"]).removeprefix("SLURM job ")
 
 
-def wait_for_jobs(cluster: Cluster, name: str, n: int, proc: subprocess.Popen, log: Path, timeout: float = 120,
+def wait_for_jobs(cluster: Cluster, name: str, n: int, proc: subprocess.Popen, log: Path, timeout: float = 300,
                   attr: str = "mlflow_run_id") -> list:
     """Until `n` trials of study `name` are trained by started SLURM jobs that have set user attr `attr`
     (mlflow_run_id: the job is training, its run recorded); returns those trials."""
@@ -160,7 +160,7 @@ def test_a_preempted_trial_ends_its_run_killed_and_is_retried(cluster: Cluster, 
     time.sleep(3)  # mid-training
     # a job in the higher-priority partition that needs 2 of the node's 4 CPUs: SLURM preempts a trial
     urgent = cluster.slurm("sbatch", "--parsable", "-p", "urgent", "-c", "2", "-o", "/dev/null", "--wrap", "sleep 5")
-    assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     trials = assert_finished_cleanly(cluster, "preempt", 2)
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     assert len(interrupted) == 1, [(t.number, t.state.name, t.user_attrs) for t in trials]
@@ -213,7 +213,7 @@ def test_cancelled_and_silently_killed_jobs_have_their_trials_retried_and_the_sw
     time.sleep(2)
     cluster.slurm("scancel", slurm_id(cancelled))  # SIGTERM: the job says why it stops
     cluster.slurm("scancel", "--signal=KILL", slurm_id(killed))  # SIGKILL: it dies without a word
-    assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     trials = assert_finished_cleanly(cluster, "scancel", 2)
     by_number = {t.number: t for t in trials}
     for victim in (cancelled, killed):
@@ -229,7 +229,7 @@ def test_two_sweep_processes_of_one_study_through_the_mlflow_server(cluster: Clu
     procs = [cluster.start(tmp_path, "two", "trainer.epochs=1", "data.train_subset=128", "hydra.sweeper.n_trials=4",
                            "hydra.sweeper.n_jobs=2") for _ in range(2)]
     for proc, log in procs:
-        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+        assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     trials = assert_finished_cleanly(cluster, "two", 4)
     params = [tuple(sorted(t.params.items())) for t in trials]
     assert len(params) - len(set(params)) == 0  # duplicate parameter sets: none
