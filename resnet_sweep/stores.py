@@ -1,7 +1,9 @@
 """The databases a sweep shares (Optuna's storage, MLflow's backend): a check that each can be used, run
 before anything is written, and cross-process locks for what the stores' own libraries do not make
 atomic (creating Optuna's schema, a study and its MLflow parent run, a fresh MLflow database; asking a
-trial, since GridSampler reads the cells in use, then claims one).
+trial, since GridSampler reads the cells in use, then claims one); whether a store answers, and URL
+passwords kept out of logs. No MLflow here: the sweeper imports this module, and Hydra imports the sweeper
+in every command (to list its plugins), --help and refused ones included.
 """
 
 from __future__ import annotations
@@ -257,8 +259,24 @@ def store_lock(url: str, purpose: str = "optuna") -> Iterator[None]:
         yield
 
 
-# URL passwords kept out of logs and messages: here, not in tracking.py, so that the sweeper (which Hydra
-# imports in every command, to list its plugins) does not import MLflow with it.
+def is_server(uri: str) -> bool:
+    """An MLflow tracking server (http, https), not a database or folder this process writes itself."""
+    return uri.split(":", 1)[0].lower() in ("http", "https")
+
+
+def answers(uri: str, timeout: float = 5.0) -> bool:
+    """Whether the tracking store at `uri` answers now: a server's health check within `timeout` seconds
+    (MLflow's own requests retry for minutes); a database or folder is taken to answer."""
+    if not is_server(uri):
+        return True
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
 
 _masking: list[bool] = []  # installed once per process (another factory may be installed over ours)
 

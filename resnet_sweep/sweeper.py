@@ -101,7 +101,7 @@ class ResnetOptunaSweeper(Sweeper):
         except UserError as exc:
             exit_with(exc)
         # not at the top: Hydra imports this module in every command (to list its plugins), and MLflow takes
-        # ~3.5 s to import, which --help, --cfg and a refused command need not pay
+        # ~3.5 s to import, which --help, --cfg and a refused command need not pay (tests/test_house.py)
         from resnet_sweep import tracking
 
         if self.kind == launchers.WORKERS:
@@ -516,7 +516,7 @@ class ResnetOptunaSweeper(Sweeper):
     def _kill_run(self, number: int, reason: str, status: str = "KILLED") -> None:
         """End trial `number`'s runs `status`; not with a tracking server that does not answer (each request
         would wait out MLflow's retries, minutes): the next sweep of the study closes them (close_orphans)."""
-        if self.parent is not None and tracking.answers(self.config.tracking.uri):
+        if self.parent is not None and stores.answers(self.config.tracking.uri):
             self.parent.end_trial_runs(number, reason, status)
 
     def _stale(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -644,8 +644,6 @@ class ResnetOptunaSweeper(Sweeper):
         """If `exc` is a fault of the environment (faults.py): end the parent run KILLED where the store lets
         it, print one paragraph naming the resource and the fix, exit 75 (a damaged store: its check's
         message, exit 2)."""
-        from resnet_sweep import tracking  # see sweep()
-
         fault, t = faults.classify(exc), self.config.tracking
         if fault is None:
             return
@@ -656,7 +654,7 @@ class ResnetOptunaSweeper(Sweeper):
                     stores.check_store(t.uri, "tracking.uri")
             except UserError as damaged:
                 exit_with(damaged)
-        if self.parent is not None and tracking.answers(t.uri):
+        if self.parent is not None and stores.answers(t.uri):
             self.parent.end("KILLED", f"interrupted: {fault}")
         where = {}
         if fault.store != "tracking":

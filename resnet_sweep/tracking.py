@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_sweep import faults
 from resnet_sweep.claims import CLAIMS_TAG
-from resnet_sweep.stores import create_whole, mask_passwords, safe_url, store_lock, wait_for_sqlite_locks
+from resnet_sweep.stores import create_whole, is_server, mask_passwords, safe_url, store_lock, wait_for_sqlite_locks
 from resnet_sweep.workers import Terminated, process_gone, process_tags
 
 log = logging.getLogger(__name__)
@@ -65,25 +65,6 @@ def prepare_store(uri: str, experiment: str, artifact_location: str) -> str:
         Path(artifact_location).mkdir(parents=True, exist_ok=True)
         return client.create_experiment(experiment, artifact_location=Path(artifact_location).resolve().as_uri(),
                                         tags=tags)
-
-
-def is_server(uri: str) -> bool:
-    """An MLflow tracking server (http, https), not a database or folder this process writes itself."""
-    return uri.split(":", 1)[0].lower() in ("http", "https")
-
-
-def answers(uri: str, timeout: float = 5.0) -> bool:
-    """Whether the tracking store at `uri` answers now: a server's health check within `timeout` seconds
-    (MLflow's own requests retry for minutes); a database or folder is taken to answer."""
-    if not is_server(uri):
-        return True
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 def sweep_command(config: DictConfig) -> str:

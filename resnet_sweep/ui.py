@@ -19,6 +19,7 @@ from pathlib import Path
 
 from resnet_sweep.config import direction
 from resnet_sweep.errors import UserError, exit_with
+from resnet_sweep.stores import is_server
 
 
 def runs_url(base: str, experiment_id: str, objective: str) -> str:
@@ -70,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         experiment_id, name, objective = find_experiment(uri, args.experiment)
     except UserError as exc:
         exit_with(exc)
-    from resnet_sweep.tracking import is_server
-
     if is_server(uri):  # a tracking server already serves its UI: only the link is needed
         print(f"Open {runs_url(uri, experiment_id, objective)}\n(experiment '{name}': its runs, best {objective} first)")
         return 0

@@ -28,6 +28,16 @@ def test_the_sweeping_process_never_imports_torch() -> None:
     assert out.strip() == "False"
 
 
+def test_listing_hydras_plugins_imports_no_mlflow() -> None:
+    """Hydra imports every plugin in every command (--help and refused ones too): the sweeper imports
+    MLflow (~3.5 s) only once a sweep starts."""
+    code = ("import sys; from hydra.core.plugins import Plugins; from hydra.plugins.sweeper import Sweeper; "
+            "names = [p.__name__ for p in Plugins.instance().discover(Sweeper)]; "
+            "print('ResnetOptunaSweeper' in names, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
+
+
 def test_models_do_not_import_config() -> None:
     """The dependency runs config -> models only (models.ModelConfig is a Protocol)."""
     import resnet_sweep.models as models
