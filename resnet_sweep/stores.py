@@ -86,13 +86,14 @@ def lock_holders(url: str) -> dict[int, str]:
 
 
 def stuck_holders(urls: list[str], looks: int = 3, gap: float = 0.5) -> set[int]:
-    """The processes that hold a lock on one of these SQLite stores at each of `looks` looks `gap` s apart: a
-    process that merely reads or writes at one instant (a busy worker, not a stuck one) is not among them."""
-    held = {p for url in urls for p in lock_holders(url)}
+    """The processes that hold a lock on one of these SQLite stores at each of `looks` looks `gap` s apart:
+    one that reads or writes a store for a moment (a busy worker) is not among them. A writer that waits all
+    along for a stuck reader to let go can be."""
+    held = {url: set(lock_holders(url)) for url in urls}
     for _ in range(looks - 1):
         time.sleep(gap)
-        held &= {p for url in urls for p in lock_holders(url)}
-    return held
+        held = {url: pids & set(lock_holders(url)) for url, pids in held.items()}
+    return set().union(*held.values())
 
 
 def named(holders: dict[int, str]) -> str:

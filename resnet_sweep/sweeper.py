@@ -100,14 +100,12 @@ class ResnetOptunaSweeper(Sweeper):
             self.n_trials = self._n_trials(space)
         except UserError as exc:
             exit_with(exc)
-        # not at the top: Hydra imports this module in every command (to list its plugins), and MLflow takes
-        # ~3.5 s to import, which --help, --cfg and a refused command need not pay (tests/test_house.py)
-        from resnet_sweep import tracking
-
         if self.kind == launchers.WORKERS:
             os.environ[SWEEPER_PID_ENV] = str(os.getpid())  # before any worker starts: workers watch this process
         study, name = None, None
         try:
+            from resnet_sweep import tracking  # here: Hydra imports this module in every command (MLflow: ~3.5 s)
+
             with stores.store_lock(str(self.s.storage)):  # one process at a time: schema, study, MLflow database
                 self.storage = trials.open_storage(str(self.s.storage), self.s.heartbeat_interval,
                                                    self.s.grace_period, self._stale)

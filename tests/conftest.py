@@ -18,8 +18,8 @@ from resnet_sweep import presets
 ROOT = Path(__file__).resolve().parent.parent
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Several test processes share the cores (the README runs 4 on 2 cores): one thread each for what tests
-    # train in-process, else torch's default (a thread per core) in every one oversubscribes them. The
+    # Several test processes share the cores (-n auto: one per core): one thread each for what tests train
+    # in-process, else torch's default (a thread per core) in every one oversubscribes them. The
     # commands the tests start set their own (run_cli's `threads`).
     import torch
 

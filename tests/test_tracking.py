@@ -111,20 +111,27 @@ def test_the_processes_holding_an_sqlite_lock_are_named(tmp_path: Path) -> None:
 
 
 def test_only_a_process_that_keeps_a_lock_across_looks_is_taken_for_stuck(tmp_path: Path) -> None:
-    # a busy worker holds a store's lock for a moment (a read, a metric written); a stopped one keeps it
-    def hold(name: str, seconds: float) -> subprocess.Popen:
-        sqlite3.connect(tmp_path / name).execute("CREATE TABLE t (x)")
-        return subprocess.Popen([sys.executable, "-c", f"import sqlite3, time; c = sqlite3.connect({str(tmp_path / name)!r}, "
-                                 "isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); "
-                                 f"time.sleep({seconds}); c.execute('ROLLBACK'); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    # a busy worker holds one store's lock for a moment, then the other's; a stopped one keeps its lock
+    urls = {}
+    for name in ("a", "b", "stuck"):
+        sqlite3.connect(tmp_path / f"{name}.db").execute("CREATE TABLE t (x)")
+        urls[name] = f"sqlite:///{tmp_path / name}.db"
 
-    moment, stuck = hold("moment.db", 1.5), hold("stuck.db", 60)
-    urls = [f"sqlite:///{tmp_path / name}" for name in ("moment.db", "stuck.db")]
+    def hold(code: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", f"import sqlite3, time; folder = {str(tmp_path)!r}; "
+                                 "lock = lambda name: sqlite3.connect(f'{folder}/{name}.db', isolation_level=None)"
+                                 f".execute('BEGIN EXCLUSIVE'); {code}"], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    stuck = hold("c = lock('stuck'); print('held', flush=True); time.sleep(60)")
+    busy = hold("c = lock('a'); print('held', flush=True); time.sleep(1.5); c.connection.rollback(); "
+                "d = lock('b'); time.sleep(60)")
     try:
-        assert moment.stdout.readline().strip() == "held" and stuck.stdout.readline().strip() == "held"
-        assert set(stores.lock_holders(urls[0])) == {moment.pid}  # held at the first look
-        assert stores.stuck_holders(urls, looks=2, gap=2.0) == {stuck.pid}
+        assert set(stores.lock_holders(urls["a"])) == {busy.pid}  # held at the first look
+        assert stores.stuck_holders(list(urls.values()), looks=2, gap=3.0) == {stuck.pid}
+        assert set(stores.lock_holders(urls["b"])) == {busy.pid}  # and the other store at the second
     finally:
-        for proc in (moment, stuck):
+        for proc in (stuck, busy):
             proc.kill()
             proc.wait()
