@@ -102,10 +102,14 @@ def test_a_worker_stopped_holding_the_study_lock_is_killed_and_the_sweep_ends(wo
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     trials = study(workdir).trials
     done = counted(trials)
-    assert sorted(t.params["seed"] for t in done) == [0, 1, 2] and {t.state.name for t in done} == {"COMPLETE"}
-    (held,) = [t for t in trials if "held a store's lock" in str(t.user_attrs.get("fail_reason"))]
-    assert held.params["seed"] == 1 and held.state.name == "FAIL" and held.number not in {t.number for t in done}
-    assert "Traceback" not in log.read_text()
+    seen = ([(t.number, t.params.get("seed"), t.state.name, t.user_attrs.get("fail_reason")) for t in trials],
+            log.read_text()[-3000:])  # what a failure below shows
+    assert sorted(t.params["seed"] for t in done) == [0, 1, 2] and {t.state.name for t in done} == {"COMPLETE"}, seen
+    held = [t for t in trials if "held a store's lock" in str(t.user_attrs.get("fail_reason"))]
+    assert len(held) == 1, seen
+    (held,) = held
+    assert held.params["seed"] == 1 and held.state.name == "FAIL" and held.number not in {t.number for t in done}, seen
+    assert "Traceback" not in log.read_text(), seen
     no_running(workdir)
     print(f"a worker stopped holding optuna.db's lock: killed, the sweep done in {time.monotonic() - began:.0f} s")
 
