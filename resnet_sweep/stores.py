@@ -96,6 +96,12 @@ def stuck_holders(urls: list[str], looks: int = 3, gap: float = 0.5) -> set[int]
     return set().union(*held.values())
 
 
+def stuck_commands(urls: list[str]) -> dict[int, str]:
+    """stuck_holders with their command lines (pid: command), for a message that names them."""
+    stuck = stuck_holders(urls)
+    return {pid: command for url in urls for pid, command in lock_holders(url).items() if pid in stuck}
+
+
 def named(holders: dict[int, str]) -> str:
     """`pid 12 (python -m resnet_sweep ...), pid 34 (...)`: lock_holders as a message names them."""
     return ", ".join(f"pid {pid} ({command[:200]})" for pid, command in holders.items())
@@ -150,9 +156,10 @@ def create_whole(url: str, create: Callable[[str], object]) -> None:
         raise
 
 
-def check_store(url: str, key: str) -> None:
+def check_store(url: str, key: str, busy: float = 60) -> None:
     """Raise StoreError if the SQLite database at `url` (named by config key `key`) is not one, or cannot
-    be written; other stores are left to their own client. Run before any data loads or run is created."""
+    be written (locked for `busy` s: SQLite's busy timeout); other stores are left to their own client.
+    Run before any data loads or run is created."""
     path = sqlite_file(url)
     if path is None:
         return
@@ -168,7 +175,7 @@ def check_store(url: str, key: str) -> None:
         return
     damaged = None
     try:
-        with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=60) as conn:
+        with sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=busy) as conn:
             conn.execute("PRAGMA schema_version").fetchone()
             # every page, read only (~0.1 s for 30 MB): a damaged one would fail some later query, mid-sweep
             damaged = next((row[0] for row in conn.execute("PRAGMA quick_check(3)") if row[0] != "ok"), None)
@@ -181,10 +188,10 @@ def check_store(url: str, key: str) -> None:
         if "malformed" in str(exc):
             damaged = str(exc)
         elif "locked" in str(exc):  # held for the whole busy timeout: a stopped or stuck process holds it
-            holders = lock_holders(f"sqlite:///{path}")
+            holders = stuck_commands([f"sqlite:///{path}"])
             who = named(holders) or "another process"
             pid = next(iter(holders), "PID")
-            raise StoreError(f"{key}={url}: {path} has been locked for over a minute by {who}; end it (`kill {pid}`; "
+            raise StoreError(f"{key}={url}: {path} has been locked for over {busy:g} s by {who}; end it (`kill {pid}`; "
                              f"a stopped process goes on after `kill -CONT {pid}`), then run the same command again") \
                 from None
         else:

@@ -664,8 +664,7 @@ class ResnetOptunaSweeper(Sweeper):
                 "hydra.sweep.dir": str(self.config.hydra.sweep.dir), "artifacts": str(t.artifact_location)}
         then = (f"run the same command again: study '{study_name}' goes on where it stopped (its trials in flight "
                 f"were interrupted: they are run again, not counted)" if study_name else "run the same command again")
-        if fault.kind == "store locked" and (holders := {p: c for v in where.values()
-                                                         for p, c in stores.lock_holders(v).items()}):
+        if fault.kind == "store locked" and (holders := stores.stuck_commands(list(where.values()))):
             fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by {stores.named(holders)}")  # for good
         where = {k: stores.safe_url(v) for k, v in where.items()}
         print(f"Error: sweep stopped by a fault of the environment, {faults.paragraph(fault, where, then)}",

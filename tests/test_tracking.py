@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from resnet_sweep import stores, tracking
+from resnet_sweep.stores import StoreError
 from resnet_sweep.tracking import JobRun, flatten, prepare_store
 
 
@@ -108,6 +109,24 @@ def test_the_processes_holding_an_sqlite_lock_are_named(tmp_path: Path) -> None:
         holder.kill()
         holder.wait()
     assert stores.lock_holders(url) == {} and stores.lock_free(url, wait=0.2)
+
+
+def test_a_store_locked_before_a_run_is_refused_naming_the_process_that_holds_it(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    sqlite3.connect(tmp_path / "x.db").execute("CREATE TABLE t (x)")
+    holder = subprocess.Popen([sys.executable, "-c", f"import sqlite3, time; c = sqlite3.connect({str(tmp_path / 'x.db')!r}, "
+                               "isolation_level=None); c.execute('BEGIN IMMEDIATE'); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreError) as refused:
+            stores.check_store(url, "tracking.uri", busy=0.2)
+        assert f"locked for over 0.2 s by pid {holder.pid} (" in str(refused.value) and "BEGIN IMMEDIATE" in str(refused.value)
+        assert f"`kill {holder.pid}`" in str(refused.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    stores.check_store(url, "tracking.uri", busy=0.2)  # let go: accepted
 
 
 def test_only_a_process_that_keeps_a_lock_across_looks_is_taken_for_stuck(tmp_path: Path) -> None:
