@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -39,6 +40,40 @@ def run_cli(cwd: Path, *args: str, module: str = "resnet_sweep", timeout: int = 
 
 def compose_config(*overrides: str):
     return presets.compose(list(overrides), job_name="test")
+
+
+# The suite's cost on 2 cores is CPU, mostly processes starting: each test's CPU seconds (its own and those
+# of every process it started and waited for, as the kernel counts them), the 20 most costly printed at
+# the end and the total, so a change to the suite is measured in CPU, not in wall time under load.
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # noqa: ANN201
+    began = _cpu_seconds()
+    item.user_properties.append(("cpu_began", began))
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+    report = yield
+    if report.when == "teardown":
+        began = dict(item.user_properties).get("cpu_began", _cpu_seconds())
+        report.user_properties.append(("cpu_s", _cpu_seconds() - began))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
+    costs = {r.nodeid: dict(r.user_properties)["cpu_s"] for reports in terminalreporter.stats.values() for r in reports
+             if getattr(r, "when", None) == "teardown" and "cpu_s" in dict(getattr(r, "user_properties", ()))}
+    if costs:
+        terminalreporter.section("CPU seconds per test (with the processes it started)")
+        for nodeid, cpu in sorted(costs.items(), key=lambda kv: -kv[1])[:20]:
+            terminalreporter.write_line(f"{cpu:8.1f}  {nodeid}")
+        terminalreporter.write_line(f"{sum(costs.values()):8.1f}  in all, {len(costs)} tests")
 
 
 @pytest.fixture(scope="session", autouse=True)
