@@ -183,7 +183,7 @@ def test_a_diverging_run_is_failed_with_its_reason(workdir: Path) -> None:
 
 
 def test_a_diverging_trial_fails_and_the_sweep_goes_on(workdir: Path) -> None:
-    res = run_cli(workdir, "-m", *QUICK, "hydra.sweeper.n_trials=2", "optimizer.lr=1e8,0.05")
+    res = run_cli(workdir, "-m", *QUICK, "hydra.sweeper.n_trials=2", "optimizer.lr=1e8,0.05", "workers=serial")
     assert res.returncode == 0, res.stderr[-3000:]
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)

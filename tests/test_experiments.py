@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
-FAST = ("trainer.epochs=1", "data.train_subset=128")
+FAST = ("trainer.epochs=1", "data.train_subset=128", "workers=serial")  # the grids, not parallel workers, are tested
 
 
 def client_for(workdir: Path) -> MlflowClient:

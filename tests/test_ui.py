@@ -39,7 +39,7 @@ def free_port() -> int:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_the_ui_opens_on_the_runs_table_with_each_runs_net_and_result_best_first(workdir: Path) -> None:
     quick = ("trainer.epochs=2", "data.train_subset=256")
-    assert run_cli(workdir, "-m", *quick, "hydra.sweeper.n_trials=3").returncode == 0
+    assert run_cli(workdir, "-m", *quick, "hydra.sweeper.n_trials=3", "workers=serial").returncode == 0
     assert run_cli(workdir, *quick, "model=plain20").returncode == 0
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "resnet_sweep.ui", "--port", str(port)], cwd=workdir,
