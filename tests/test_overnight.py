@@ -465,8 +465,8 @@ def test_a_damaged_store_is_named_in_one_line_and_nothing_is_written_into_it(wor
 
 
 def test_a_time_budget_ends_the_sweep_and_a_trial_over_its_limit_fails(workdir: Path) -> None:
-    res = run_cli(workdir, "-m", "trainer.epochs=3", "data.train_subset=512", "hydra.sweeper.n_trials=50",
-                  "+hydra.sweeper.timeout=10")
+    res = run_cli(workdir, "-m", "workers=serial", "trainer.epochs=3", "data.train_subset=512",
+                  "hydra.sweeper.n_trials=50", "+hydra.sweeper.timeout=10")
     assert res.returncode == 0, res.stderr[-3000:]
     trials = study(workdir).trials
     assert 0 < len(counted(trials)) < 50 and [t.state.name for t in trials].count("RUNNING") == 0
