@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     url = runs_url(f"http://{args.host}:{args.port}", experiment_id, objective)
     print(f"Open {url}\n(experiment '{name}': its runs, best {objective} first; Ctrl-C stops the server)", flush=True)
     # MLflow 3's server also starts ~8 job-runner processes (GenAI evaluation jobs, ~1.1 GB and ~11 s of CPU
-    # together) that browsing runs never uses: off, by MLflow's documented switch
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # together) that browsing runs never uses: off, by MLflow's documented switch, unless the user set it
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     try:
         return subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                                "--port", str(args.port)], env=env).returncode

@@ -44,7 +44,11 @@ def compose_config(*overrides: str):
 
 # The suite's cost on 2 cores is CPU, mostly processes starting: each test's CPU seconds (its own and those
 # of every process it started and waited for, as the kernel counts them), the 20 most costly printed at
-# the end and the total, so a change to the suite is measured in CPU, not in wall time under load.
+# the end and the total, so a change to the suite is measured in CPU, not in wall time under load. A
+# module's or session's fixture is charged to the test that set it up or tore it down.
+CPU_BEGAN = pytest.StashKey[float]()
+
+
 def _cpu_seconds() -> float:
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -52,8 +56,7 @@ def _cpu_seconds() -> float:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  # noqa: ANN201
-    began = _cpu_seconds()
-    item.user_properties.append(("cpu_began", began))
+    item.stash[CPU_BEGAN] = _cpu_seconds()
     return (yield)
 
 
@@ -61,8 +64,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  #
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
     report = yield
     if report.when == "teardown":
-        began = dict(item.user_properties).get("cpu_began", _cpu_seconds())
-        report.user_properties.append(("cpu_s", _cpu_seconds() - began))
+        report.user_properties.append(("cpu_s", _cpu_seconds() - item.stash.get(CPU_BEGAN, _cpu_seconds())))
     return report
 
 

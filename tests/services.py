@@ -121,7 +121,8 @@ def mlflow_server(backend: str, folder: Path, port: int | None = None) -> Iterat
         _daemon(stack, [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
                         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
                         "--port", str(port), "--workers", "1"],
-                log, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+                log, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+                          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no GenAI job runners: ~11 CPU-s
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, "mlflow server", 120, log)
         yield url

@@ -128,8 +128,8 @@ def test_compare_two_sweeps_with_their_claims_checked(workdir: Path) -> None:
     second with one seed. At init a plain-14's first/last gradient ratio is ~3 orders of magnitude below a
     ResNet-14's (measured: -2.7 [-2.95, -2.46]): that claim holds, its reverse does not, and one seed is
     undecided. Then --compare draws them together and labels them by what differs."""
-    common = ("experiment=degradation", "-m", "workers=serial", "trainer.epochs=1", "data.train_subset=128", "model.activation=sigmoid",
-              "model.norm=none", "model.depth=choice(8,14)", f"+claims.vanish={VANISH % ('below', 1)}",
+    common = ("experiment=degradation", "-m", "workers=serial", "trainer.epochs=1", "data.train_subset=128",
+              "model.activation=sigmoid", "model.norm=none", "model.depth=choice(8,14)", f"+claims.vanish={VANISH % ('below', 1)}",
               f"+claims.reversed={VANISH % ('above', 0)}")
     first = run_cli(workdir, *common, "seed=choice(0,1)")
     assert first.returncode == 0, first.stderr[-3000:]

@@ -114,9 +114,9 @@ def test_the_processes_holding_an_sqlite_lock_are_named(tmp_path: Path) -> None:
 def test_a_store_locked_before_a_run_is_refused_naming_the_process_that_holds_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     sqlite3.connect(tmp_path / "x.db").execute("CREATE TABLE t (x)")
-    holder = subprocess.Popen([sys.executable, "-c", f"import sqlite3, time; c = sqlite3.connect({str(tmp_path / 'x.db')!r}, "
-                               "isolation_level=None); c.execute('BEGIN IMMEDIATE'); print('held', flush=True); "
-                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"import sqlite3, time; c = sqlite3.connect("
+                               f"{str(tmp_path / 'x.db')!r}, isolation_level=None); c.execute('BEGIN IMMEDIATE'); "
+                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StoreError) as refused:
