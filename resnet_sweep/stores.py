@@ -89,17 +89,17 @@ def stuck_holders(urls: list[str], looks: int = 3, gap: float = 0.5) -> set[int]
     """The processes that hold a lock on one of these SQLite stores at each of `looks` looks `gap` s apart:
     one that reads or writes a store for a moment (a busy worker) is not among them. A writer that waits all
     along for a stuck reader to let go can be."""
-    held = {url: set(lock_holders(url)) for url in urls}
+    return set(stuck_commands(urls, looks, gap))
+
+
+def stuck_commands(urls: list[str], looks: int = 3, gap: float = 0.5) -> dict[int, str]:
+    """stuck_holders with their command lines (pid: command), for a message that names them."""
+    held = {url: lock_holders(url) for url in urls}
     for _ in range(looks - 1):
         time.sleep(gap)
-        held = {url: pids & set(lock_holders(url)) for url, pids in held.items()}
-    return set().union(*held.values())
-
-
-def stuck_commands(urls: list[str]) -> dict[int, str]:
-    """stuck_holders with their command lines (pid: command), for a message that names them."""
-    stuck = stuck_holders(urls)
-    return {pid: command for url in urls for pid, command in lock_holders(url).items() if pid in stuck}
+        held = {url: {pid: command for pid, command in lock_holders(url).items() if pid in kept}
+                for url, kept in held.items()}
+    return {pid: command for kept in held.values() for pid, command in kept.items()}
 
 
 def named(holders: dict[int, str]) -> str:
