@@ -1,20 +1,16 @@
 """The Hydra launchers a sweep runs its trials with, told apart in this one place: in this process
 (Hydra's basic launcher, joblib with one job), in reused worker processes (hydra-joblib-launcher), or as
-cluster jobs (hydra-submitit-launcher); how to stop one trial's job; and what each raises for a job that
-died. Standard APIs throughout but for the two private names of hydra-joblib-launcher and loky listed in
-PRIVATE, each with why (tests/test_house.py fails the day an upgrade removes one).
+cluster jobs (hydra-submitit-launcher); and what each raises for a job that died (workers.stop_job
+stops one). Standard APIs throughout but for the two private names of hydra-joblib-launcher and loky
+listed in PRIVATE, each with why (tests/test_house.py fails the day an upgrade removes one).
 """
 
 from __future__ import annotations
 
 import gc
 import os
-import signal
-import socket
-import subprocess
 import threading
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any, Callable
 
 INLINE, WORKERS, CLUSTER = "inline", "workers", "cluster"
@@ -116,34 +112,6 @@ def stop(launcher: Any) -> None:
 
         if reusable_executor._executor is not None:  # noqa: SLF001 (see PRIVATE)
             reusable_executor._executor.terminate(kill_workers=True)  # noqa: SLF001
-
-
-def stop_job(job: dict[str, Any]) -> tuple[str, bool]:
-    """Stop a trial's job wherever it runs ({"host", "pid", "slurm"}, trials.PROCESS): cancel its SLURM job,
-    or kill this process's worker (SIGKILL: a stopped or stuck process too). Says what was done, and
-    whether a worker process of this one was killed (its pool then restarts)."""
-    pid = int(job.get("pid") or 0)
-    if job.get("slurm"):
-        subprocess.run(["scancel", str(job["slurm"])], capture_output=True, timeout=60)
-        return f"its SLURM job {job['slurm']} was cancelled", False
-    if job.get("host") == socket.gethostname() and kill_worker(pid):
-        return f"its worker process {pid} was killed", True
-    return f"its job ({job or 'not started'}) cannot be stopped from here", False
-
-
-def kill_worker(pid: int) -> bool:
-    """SIGKILL `pid` if it is a worker process of this one (a stopped or stuck process dies too)."""
-    if pid and pid != os.getpid() and _parent_of(pid) == os.getpid():
-        os.kill(pid, signal.SIGKILL)
-        return True
-    return False
-
-
-def _parent_of(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def worker_died(exc: BaseException | None) -> bool:

@@ -6,7 +6,7 @@ schema and sampler presets (hydra_plugins.hydra_optuna_sweeper.config), Optuna's
 heartbeats. What a long sweep needs beyond the official sweeper's one batch at a time: each job tells
 its own trial (trials.py), so a result survives the sweeping process; a rerun finishes the study; a
 trial stopped from outside or by the environment is retried, never counted; every value of the search
-space is checked first (space.py); every sweep ends (stalls, time limits: docs/sweeps.md). Choose it with
+space is checked first (preflight.py); every sweep ends (stalls, time limits: docs/sweeps.md). Choose it with
 `hydra/sweeper=resnet_optuna` (the default in conf/config.yaml).
 """
 
@@ -40,7 +40,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
-from resnet_sweep import faults, launchers, stores, trials
+from resnet_sweep import faults, launchers, preflight, stores, trials, workers
 from resnet_sweep import space as spaces
 from resnet_sweep.config import ConfigError, listed, quoted, validate
 from resnet_sweep.errors import UserError, exit_with
@@ -238,8 +238,8 @@ class ResnetOptunaSweeper(Sweeper):
             raise ConfigError(wrong)
         for distribution in space.values() if self._grid() else ():
             spaces.grid(distribution)  # ConfigError for an interval
-        spaces.check(space, self._written, fixed,
-                     lambda o: self.hydra_context.config_loader.load_sweep_config(self.config, o))
+        preflight.check({n: spaces.candidates(n, d, self._written.get(n, repr(d))) for n, d in space.items()}, fixed,
+                        lambda o: self.hydra_context.config_loader.load_sweep_config(self.config, o))
 
     def _same_space(self, study: optuna.Study, space: dict[str, Any]) -> list[dict[str, Any]]:
         """The spaces and commands that ran in the study, this one added; ConfigError if this space differs
@@ -304,7 +304,7 @@ class ResnetOptunaSweeper(Sweeper):
                     for number in sorted(self._found_stale & set(self._in_flight)):
                         self._in_flight.pop(number)
                         job = self.records.find(number).user_attrs.get(trials.PROCESS) or {}
-                        what, killed = launchers.stop_job(job)
+                        what, killed = workers.stop_job(job)
                         self._pool_broken_for = number if killed else self._pool_broken_for
                         log.warning("trial %d: %s; its slot is free", number, what)
                     self._found_stale.clear()
@@ -354,7 +354,7 @@ class ResnetOptunaSweeper(Sweeper):
             return False
         uris = [*([str(self.s.storage)] if fault.store != "tracking" else []),
                 *([self.config.tracking.uri] if self.config.tracking.enabled and fault.store != "study" else [])]
-        killed = [pid for pid in stores.stuck_holders(uris) if launchers.kill_worker(pid)]
+        killed = [pid for pid in stores.stuck_holders(uris) if workers.kill_worker(pid)]
         if killed:
             jobs = {n: self.records.find(n).user_attrs.get(trials.PROCESS, {}).get("pid") for n in self._in_flight}
             for number in [n for n, pid in jobs.items() if pid in killed]:

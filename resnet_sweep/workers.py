@@ -1,6 +1,6 @@
-"""A sweep's worker processes end with their sweep, and SIGTERM ends a job cleanly. Standard library
-only: the package imports this first (resnet_sweep/__init__.py), so a worker starts watching its sweep
-before the seconds it spends importing torch.
+"""A sweep's worker processes end with their sweep, a stuck one is killed, and SIGTERM ends a job
+cleanly. Standard library only: the package imports this first (resnet_sweep/__init__.py), so a worker
+starts watching its sweep before the seconds it spends importing torch.
 
 Why our own watch: joblib's loky workers, orphaned by a `kill -9` of the sweeping process, train on to
 the end and then idle for minutes holding their memory (on a GPU, its memory). Jobs of a SLURM sweep
@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -229,3 +230,31 @@ def process_gone(tags: dict[str, str]) -> bool:
         pass
     started = _start_time(pid)
     return started == "Z" or (bool(started) and bool(tags.get("process.start")) and started != tags["process.start"])
+
+
+def stop_job(job: dict[str, Any]) -> tuple[str, bool]:
+    """Stop a trial's job wherever it runs ({"host", "pid", "slurm"}, trials.PROCESS): cancel its SLURM job,
+    or kill this process's worker (SIGKILL: a stopped or stuck process too). Says what was done, and
+    whether a worker process of this one was killed (its pool then restarts)."""
+    pid = int(job.get("pid") or 0)
+    if job.get("slurm"):
+        subprocess.run(["scancel", str(job["slurm"])], capture_output=True, timeout=60)
+        return f"its SLURM job {job['slurm']} was cancelled", False
+    if job.get("host") == socket.gethostname() and kill_worker(pid):
+        return f"its worker process {pid} was killed", True
+    return f"its job ({job or 'not started'}) cannot be stopped from here", False
+
+
+def kill_worker(pid: int) -> bool:
+    """SIGKILL `pid` if it is a worker process of this one (a stopped or stuck process dies too)."""
+    if pid and pid != os.getpid() and _parent_of(pid) == os.getpid():
+        os.kill(pid, signal.SIGKILL)
+        return True
+    return False
+
+
+def _parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0

@@ -1,0 +1,106 @@
+"""Which values of a search space can train, found before the study is touched: every value a sweep can
+give (space.candidates) must make a config that a trial can train, in some combination with the other
+dimensions' values. A value that never can is refused in one line naming the key, the value and why; a
+combination that still fails at run time fails its own trial only. Knows nothing of Optuna: it composes
+configs through the function it is handed (Hydra's, in the sweeper) and validates them (config.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from resnet_sweep.config import ConfigError, validate
+
+MAX_COMBINATIONS = 256  # combinations checked at most (a seeded sample of larger products)
+
+
+def check(candidates: dict[str, list[tuple[Any, str]]], fixed: list[str],
+          compose: Callable[[list[str]], DictConfig]) -> None:
+    """Raise ConfigError for the first value that no combination makes trainable.
+
+    `candidates` holds each swept key's values, each with how a refusal names it (space.candidates);
+    `fixed` the other overrides every trial gets; `compose(overrides)` composes a trial's config, as the
+    launcher will (Hydra's load_sweep_config). Values of config groups (model=resnet20) and added keys
+    (+x=...) are composed; other values are set on a composed config, which is much faster, and composed
+    where setting one fails (a list, say).
+    """
+    if not candidates:
+        return
+    names = list(candidates)
+    values = {name: [value for value, _ in pairs] for name, pairs in candidates.items()}
+    bases: dict[tuple, DictConfig | BaseException] = {}  # the composed config per choice of groups
+    outcomes = {c: _try(dict(zip(names, c)), fixed, compose, bases) for c in _combinations(names, values)}
+    refused = []
+    for i, name in enumerate(names):
+        for value, what in candidates[name]:
+            tried = [error for combination, error in outcomes.items() if combination[i] == value]
+            if tried and all(error is not None for error in tried):
+                refused.append((name, what, tried[0]))
+    if refused:  # where every combination fails, the value whose key the error names is at fault
+        name, what, error = next((r for r in refused if r[0].lstrip("+~") in _reason(r[2])), refused[0])
+        raise ConfigError(f"{what}, which no trial can train: {_reason(error)}. Change the search space so that "
+                          f"every value it gives can train; nothing was created")
+
+
+def _reason(exc: BaseException) -> str:
+    """An error and its causes on one line, without OmegaConf's 'full_key' details or Hydra's search path."""
+    parts: list[str] = []
+    while exc is not None and len(parts) < 3:
+        lines = []
+        for line in str(exc).splitlines():
+            if line.strip().startswith(("full_key:", "object_type", "reference_type", "Config search path")):
+                break
+            lines.append(line.strip())
+        text = " ".join(x for x in lines if x).rstrip(".:")
+        if text and text not in parts:
+            parts.append(text)
+        exc = exc.__cause__  # type: ignore[assignment]
+    return ": ".join(parts) or "invalid"
+
+
+def _combinations(names: list[str], values: dict[str, list[Any]]) -> list[tuple]:
+    """Every combination of the values, or a seeded sample of MAX_COMBINATIONS with every value in some."""
+    product = list(itertools.islice(itertools.product(*(values[n] for n in names)), 100_000))
+    if len(product) > MAX_COMBINATIONS:
+        product = random.Random(0).sample(product, MAX_COMBINATIONS)
+        for i, name in enumerate(names):
+            product += [tuple(v if j == i else values[n][0] for j, n in enumerate(names)) for v in values[name]]
+    return list(dict.fromkeys(product))
+
+
+def _try(chosen: dict[str, Any], fixed: list[str], compose: Callable[[list[str]], DictConfig],
+         bases: dict[tuple, DictConfig | BaseException]) -> BaseException | None:
+    """Why the config of this combination cannot train, or None if it can."""
+    key = tuple((n, chosen[n]) for n in chosen if _composed(n))
+    if key not in bases:
+        try:
+            bases[key] = compose([f"{n}={v}" for n, v in key] + fixed)
+        except Exception as exc:  # noqa: BLE001 (Hydra's composition errors: the value at fault)
+            bases[key] = exc
+    if isinstance(base := bases[key], BaseException):
+        return base
+    cfg = base.copy()
+    try:
+        for name, value in chosen.items():
+            if not _composed(name):
+                try:
+                    OmegaConf.update(cfg, name, value, merge=False)
+                except OmegaConfBaseException:  # what setting cannot take, composing can (a list, say)
+                    cfg = compose([f"{n}={v}" for n, v in chosen.items()] + fixed)
+                    break
+        with open_dict(cfg):
+            del cfg["hydra"]
+        validate(cfg)
+    except Exception as exc:  # noqa: BLE001 (ConfigError, or OmegaConf's and Hydra's own)
+        return exc
+    return None
+
+
+def _composed(name: str) -> bool:
+    """A dimension that composition must handle: an added or deleted key, or a config group (no dot)."""
+    return name.startswith(("+", "~")) or "." not in name
