@@ -130,16 +130,16 @@ def job_lost(exc: BaseException) -> str | None:
 
 def warm_up() -> int:
     """In a fresh launcher worker, before its first job: import what every job needs (torch, torch._dynamo,
-    which the first optimizer imports, MLflow's SQL store, Optuna, scikit-learn's datasets, Hydra's plugins:
-    ~6 s on a 2-core machine), so that the first trial starts training at once. Returns this worker's pid.
+    which the first optimizer imports, MLflow's SQL store, Optuna, Hydra's plugins: ~6 s on a 2-core
+    machine), so that the first trial starts training at once. Returns this worker's pid. Not
+    scikit-learn (~2.5 s of CPU a worker): the digits are read from their cached split (data.py); only a
+    job that makes that split imports it.
 
     Then freezes what those imports made (gc.freeze: ~600,000 objects the garbage collector no longer
     scans). Why: without psutil, loky calls gc.collect() after every task that ends a second or more after
     the last, and a full collection over them took 0.3-0.37 s here: that much idle time per trial."""
     import alembic.command  # noqa: F401 (MLflow's schema check, when a job first opens the store)
     import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import sklearn.datasets  # noqa: F401 (the default data, digits)
-    import sklearn.model_selection  # noqa: F401 (its split)
     import sqlalchemy.dialects.sqlite  # noqa: F401
     import torch._dynamo  # noqa: F401
     from hydra.core.plugins import Plugins
