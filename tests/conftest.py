@@ -27,6 +27,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# tests/ on the path of a command the tests start, for its fault hooks (tests/fault_hooks.py), ahead of any
+# PYTHONPATH already set (a run of a snapshot: PYTHONPATH=/tmp/snap pytest ...)
+FAULT_HOOKS = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))}
+
+
 def run_cli(cwd: Path, *args: str, module: str = "resnet_sweep", timeout: int = 600,
             threads: str | None = "1") -> subprocess.CompletedProcess:
     """`python -m <module> args...` from `cwd`, which then holds outputs/, mlflow.db and optuna.db.

@@ -22,7 +22,7 @@ import services
 from mlflow import MlflowClient
 
 from resnet_sweep import stores
-from conftest import counted, job_runs, parent_runs, run_cli, start, study, wait_for, wait_for_epochs
+from conftest import FAULT_HOOKS, counted, job_runs, parent_runs, run_cli, start, study, wait_for, wait_for_epochs
 
 pytestmark = pytest.mark.slow
 FAST_HEARTBEAT = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
@@ -98,7 +98,7 @@ def test_a_worker_stopped_holding_the_study_lock_is_killed_and_the_sweep_ends(wo
                "seed=choice(0,1,2)", "+hydra.callbacks.fault._target_=fault_hooks.StopHoldingTheStudyLock",
                "+hydra.callbacks.fault.seed=1")
     began = time.monotonic()
-    proc, log = start(workdir, *command, env={"PYTHONPATH": str(Path(__file__).parent)})
+    proc, log = start(workdir, *command, env=FAULT_HOOKS)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     trials = study(workdir).trials
     done = counted(trials)

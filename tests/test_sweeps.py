@@ -13,8 +13,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import (alive, counted, job_runs, param_sets, parent_runs, run_cli, session_processes, start, states,
-                      study, wait_for_epochs)
+from conftest import (FAULT_HOOKS, alive, counted, job_runs, param_sets, parent_runs, run_cli, session_processes, start,
+                      states, study, wait_for_epochs)
 
 pytestmark = pytest.mark.slow
 TINY = ("trainer.epochs=1", "data.train_subset=128")
@@ -143,8 +143,7 @@ def test_a_job_killed_by_the_kernel_fails_its_trial_and_the_sweep_goes_on(workdi
                "seed=choice(0,1,2)", "+hydra.callbacks.fault._target_=fault_hooks.SigkillAfterFirstEpoch",
                "+hydra.callbacks.fault.seed=1")
     res = subprocess.run([sys.executable, "-m", "resnet_sweep", *command], cwd=workdir, capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                                      "PYTHONPATH": str(Path(__file__).parent)})
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **FAULT_HOOKS})
     assert res.returncode == 0, res.stderr[-3000:]
     done = counted(study(workdir).trials)
     by_seed = {t.params["seed"]: t for t in done}
