@@ -52,7 +52,7 @@ DIGITS_SPLIT = 1  # the version of _split_digits: a change to it makes the kept 
 
 def _digits() -> tuple[np.ndarray, ...]:
     """scikit-learn's 8x8 digits, split once, kept as a .npz in the user's cache folder ($XDG_CACHE_HOME or
-    ~/.cache, resnet_sweep/): importing sklearn.datasets costs each process ~1.2 s of CPU, more than a short
+    ~/.cache, resnet_sweep/): importing sklearn.datasets costs each process ~2.5 s of CPU, more than a short
     trial trains, and every sweep worker pays it. Keyed by scikit-learn's version and the split's; a file
     that cannot be read is made again; where none can be written, nothing is kept."""
     from importlib.metadata import version

@@ -85,7 +85,9 @@ def candidates(name: str, distribution: BaseDistribution, written: str) -> list[
     if isinstance(distribution, CategoricalDistribution) or (distribution.step is not None and
                                                              written.lstrip().startswith(("range", "choice"))):
         return [(v, f"{name}={written} gives {name}={v}") for v in points]
-    return [(v, f"{name}={written}: its {'lower' if v == distribution.low else 'upper'} bound {v}") for v in points]
+    bound = {distribution.high: "its upper bound", distribution.low: "its lower bound"}  # one value: lower
+    return [(v, f"{name}={written}: {bound[v]} {v}" if v in bound else f"{name}={written} gives {name}={v}")
+            for v in points]
 
 
 def short(distribution: BaseDistribution | str) -> str:

@@ -1,6 +1,7 @@
-"""A sweep's worker processes end with their sweep, a stuck one is killed, and SIGTERM ends a job
-cleanly. Standard library only: the package imports this first (resnet_sweep/__init__.py), so a worker
-starts watching its sweep before the seconds it spends importing torch.
+"""A sweep's worker processes end with their sweep, a stale trial's job is stopped (SIGKILL to its
+worker, `scancel` for SLURM), and SIGTERM ends a job cleanly. Standard library only: the package
+imports this first (resnet_sweep/__init__.py), so a worker starts watching its sweep before the seconds
+it spends importing torch.
 
 Why our own watch: joblib's loky workers, orphaned by a `kill -9` of the sweeping process, train on to
 the end and then idle for minutes holding their memory (on a GPU, its memory). Jobs of a SLURM sweep

@@ -18,6 +18,14 @@ def test_the_training_modules_import_none_of_hydra_mlflow_or_optuna(module: str)
     assert out.strip() == "", f"importing {module} pulled in {out.strip()}"
 
 
+def test_the_check_of_a_search_spaces_values_imports_no_optuna_hydra_or_mlflow() -> None:
+    """preflight.py checks values through the compose function it is handed, whatever made them."""
+    code = ("import sys, resnet_sweep.preflight; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'hydra', 'mlflow', 'optuna'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == ""
+
+
 def test_the_sweeping_process_never_imports_torch() -> None:
     """What a sweep's own process loads (entry point, sweeper, launchers): on a cluster's login node it runs
     for days, so it stays small; the jobs import torch when they start (resnet_sweep/job.py)."""
