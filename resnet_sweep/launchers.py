@@ -130,10 +130,10 @@ def job_lost(exc: BaseException) -> str | None:
 
 def warm_up() -> int:
     """In a fresh launcher worker, before its first job: import what every job needs (torch, torch._dynamo,
-    which the first optimizer imports, MLflow's SQL store, Optuna, Hydra's plugins: ~6 s on a 2-core
-    machine), so that the first trial starts training at once. Returns this worker's pid. Not
-    scikit-learn (~2.5 s of CPU a worker): the digits are read from their cached split (data.py); only a
-    job that makes that split imports it.
+    which the first optimizer imports, MLflow's SQL store, Optuna, Hydra's plugins: ~9 s of CPU on a
+    2-core Xeon), so that the first trial starts training at once. Returns this worker's pid. Not
+    scikit-learn (~2.5 s of CPU more): the digits are read from their cached split (data.py); only a job
+    that makes that split (once per user and scikit-learn version) imports it, inside its trial.
 
     Then freezes what those imports made (gc.freeze: ~600,000 objects the garbage collector no longer
     scans). Why: without psutil, loky calls gc.collect() after every task that ends a second or more after
