@@ -82,10 +82,10 @@ def candidates(name: str, distribution: BaseDistribution, written: str) -> list[
         if step is not None and round((high - low) / step) + 1 <= MAX_POINTS:
             points = [low + i * step for i in range(int(round((high - low) / step)) + 1)]
             points = [int(p) for p in points] if isinstance(distribution, IntDistribution) else points
-    if isinstance(distribution, CategoricalDistribution) or (distribution.step is not None and
-                                                             written.lstrip().startswith(("range", "choice"))):
-        return [(v, f"{name}={written} gives {name}={v}") for v in points]
-    bound = {distribution.high: "its upper bound", distribution.low: "its lower bound"}  # one value: lower
+    bound: dict[Any, str] = {}  # an interval's ends are named as bounds; other values as what it gives
+    if not isinstance(distribution, CategoricalDistribution) and not (
+            distribution.step is not None and written.lstrip().startswith(("range", "choice"))):
+        bound = {distribution.high: "its upper bound", distribution.low: "its lower bound"}  # one value: lower
     return [(v, f"{name}={written}: {bound[v]} {v}" if v in bound else f"{name}={written} gives {name}={v}")
             for v in points]
 
