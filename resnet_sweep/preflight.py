@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -45,6 +46,25 @@ def check(candidates: dict[str, list[tuple[Any, str]]], fixed: list[str],
         name, what, error = next((r for r in refused if r[0].lstrip("+~") in _reason(r[2])), refused[0])
         raise ConfigError(f"{what}, which no trial can train: {_reason(error)}. Change the search space so that "
                           f"every value it gives can train; nothing was created")
+
+
+def whole_numbers(name: str, written: str, low: float, cfg: DictConfig) -> None:
+    """Raise ConfigError where an interval sweeps a key that takes whole numbers: Hydra reads an interval's
+    bounds as floats (interval(8,33) gives 8.0 to 33.0), which such a key refuses, and int(interval(8,33))
+    gives whole numbers. Told apart by the key's type: it refuses the float bound and takes it as an int."""
+    key = name.lstrip("+~")
+    if float(low).is_integer() and not _takes(cfg, key, low) and _takes(cfg, key, int(low)):
+        fix = re.sub(r"interval\(([^()]*)\)", r"int(interval(\1))", written)
+        raise ConfigError(f"{name}={written} gives floats (Hydra reads an interval's bounds as floats), and {name} "
+                          f"takes whole numbers: write '{name}={fix}', or list its values with choice(...) or range(...)")
+
+
+def _takes(cfg: DictConfig, key: str, value: Any) -> bool:
+    try:
+        OmegaConf.update(cfg.copy(), key, value, merge=False)
+        return True
+    except OmegaConfBaseException:
+        return False
 
 
 def _reason(exc: BaseException) -> str:

@@ -238,6 +238,9 @@ class ResnetOptunaSweeper(Sweeper):
             raise ConfigError(wrong)
         for distribution in space.values() if self._grid() else ():
             spaces.grid(distribution)  # ConfigError for an interval
+        for name, distribution in space.items():  # an interval over an int key: its floats can never train
+            if isinstance(distribution, optuna.distributions.FloatDistribution):
+                preflight.whole_numbers(name, self._written.get(name, repr(distribution)), distribution.low, job_config)
         preflight.check({n: spaces.candidates(n, d, self._written.get(n, repr(d))) for n, d in space.items()}, fixed,
                         lambda o: self.hydra_context.config_loader.load_sweep_config(self.config, o))
 

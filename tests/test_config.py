@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
@@ -156,3 +158,33 @@ def test_imagenet_layout_nets_take_their_own_recipe_and_lr_range_and_the_command
     assert not dropped.hydra.sweeper.params and dropped.trainer.epochs == 15
     given = _composed("model=resnet34", "trainer.epochs=3", "scheduler.warmup_epochs=0.5")
     assert (given.trainer.epochs, given.scheduler.warmup_epochs) == (3, 0.5)
+
+
+def sweep_config(overrides: list[str]):
+    """A trial's config as the sweeper composes it (its hydra node included)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF), job_name="test"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # as in a sweep: the job's config reads ${hydra:...}
+    return cfg
+
+
+@pytest.mark.parametrize("written", ["interval(16,256)", "tag(log,interval(16,256))", "tag(log, interval(16, 256))"])
+def test_an_interval_over_a_whole_number_key_is_refused_with_advice_that_sweeps_whole_numbers(written: str) -> None:
+    from resnet_sweep import preflight, space
+
+    cfg = compose_config()
+    (floats,) = space.parse([f"trainer.batch_size={written}"])[0].values()
+    with pytest.raises(ConfigError) as err:
+        preflight.whole_numbers("trainer.batch_size", written, floats.low, cfg)
+    (fix,) = re.findall(r"write '([^']+)'", str(err.value))
+    assert str(err.value).startswith(f"trainer.batch_size={written} gives floats") and "whole numbers" in str(err.value)
+    # the advice, followed: whole numbers between the same bounds, and the sweeper's check passes each one it tries
+    (whole,) = space.parse([fix])[0].values()
+    assert (type(whole).__name__, whole.low, whole.high, whole.log) == ("IntDistribution", 16, 256, "log" in written)
+    preflight.check({"trainer.batch_size": space.candidates("trainer.batch_size", whole, fix.split("=", 1)[1])}, [],
+                    sweep_config)
+    preflight.whole_numbers("optimizer.lr", "interval(1,2)", 1.0, cfg)  # a float key takes it as it is

@@ -326,6 +326,8 @@ BAD_SPACES = {  # the swept value, words the message must have
                                                                    "must be > 0"]),
     "negative choices": ("optimizer.lr=choice(-0.5,-0.1)", ["optimizer.lr=-0.5", "must be > 0"]),
     "a depth that is not 6n+2": ("model.depth=choice(8,33)", ["model.depth=33", "6n+2"]),
+    "an interval over a whole-number key": ("trainer.batch_size=tag(log,interval(16,256))", [
+        "trainer.batch_size=tag(log,interval(16,256)) gives floats", "'trainer.batch_size=tag(log,int(interval(16,256)))'"]),
     "zero epochs in a range": ("trainer.epochs=range(0,3)", ["trainer.epochs=0", "must be > 0"]),
     "a log interval from 0": ("optimizer.lr=tag(log,interval(0,1))", ["optimizer.lr=tag(log,interval(0,1))",
                                                                       "log interval starts above 0"]),
