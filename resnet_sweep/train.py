@@ -239,11 +239,13 @@ def fit(model: nn.Module, data: Data, opt: torch.optim.Optimizer, schedule: Sche
     metrics: dict[str, float] = {}
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        with tqdm(total=len(data.train), desc=f"epoch {epoch}/{cfg.epochs}", unit="sample", unit_scale=True,
-                  leave=False, dynamic_ncols=True, disable=not progress) as bar:
+        # no tqdm at all without a bar: even a disabled one makes tqdm's multiprocessing lock, a named semaphore
+        # that a sweep's worker, killed when the sweep ends, leaves behind ("leaked semaphore objects")
+        with (tqdm(total=len(data.train), desc=f"epoch {epoch}/{cfg.epochs}", unit="sample", unit_scale=True,
+                   leave=False, dynamic_ncols=True) if progress else contextlib.nullcontext()) as bar:
             loss_sum, correct, step = train_epoch(model, data, opt, cfg, generator, epoch, augment=augment,
                                                   scaler=scaler, gradients=gradients, on_step=on_step,
-                                                  schedule=schedule, bar=bar if progress else None)
+                                                  schedule=schedule, bar=bar)
         metrics = _epoch_metrics(model, data, cfg, epoch, step, loss_sum, correct, time.perf_counter() - start,
                                  opt.param_groups[0]["lr"], gradients)
         if on_epoch is not None:

@@ -125,9 +125,13 @@ def test_a_single_run_trains_with_every_core_and_sweep_workers_share_them(workdi
     assert sorted(r.data.params["torch.threads"] for r in runs(workdir)) == [str(cores())] * 3
 
 
-def test_a_two_trial_sweep_fills_optuna_and_mlflow(workdir: Path) -> None:
+def test_a_two_trial_sweep_fills_optuna_and_mlflow_and_its_output_ends_on_the_summary(workdir: Path) -> None:
     res = run_cli(workdir, "-m", *QUICK, "hydra.sweeper.n_trials=2")
     assert res.returncode == 0, res.stderr[-3000:]
+    # nothing after the summary: the workers killed at the end leave no semaphore behind (tqdm made one in
+    # each, and Python's resource tracker warned "There appear to be 2 leaked semaphore objects")
+    assert "] Trials: {'COMPLETE': 2, " in res.stdout.strip().splitlines()[-1], res.stdout[-2000:]
+    assert "Warning" not in res.stdout + res.stderr, res.stderr[-2000:]
     storage = f"sqlite:///{workdir / 'optuna.db'}"
     (summary,) = optuna.get_all_study_summaries(storage)
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
