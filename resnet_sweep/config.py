@@ -8,10 +8,11 @@ composed config into these objects, before any data is loaded or any run is reco
 
 from __future__ import annotations
 
+import difflib
 import enum
 import hashlib
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
@@ -307,13 +308,32 @@ class Config:
 
 
 def to_typed(node: DictConfig) -> Any:
-    """A composed (sub)config as its dataclass, running every `__post_init__` check."""
+    """A composed (sub)config as its dataclass, running every `__post_init__` check; ConfigError for a key
+    its schema does not have."""
     try:
-        return OmegaConf.to_object(node)
+        typed = OmegaConf.to_object(node)
     except ValidationError as exc:  # OmegaConf wraps what __post_init__ raised; show just that
         if isinstance(exc.__cause__, ConfigError):
             raise exc.__cause__ from None
         raise
+    _no_unknown_keys(typed, "")
+    return typed
+
+
+def _no_unknown_keys(typed: Any, at: str) -> None:
+    """A key added with + (`+optimizer.lrr=0.5`, as Hydra advises for a key it does not know) becomes an
+    attribute no job reads: OmegaConf.to_object keeps it without a word. Refuse it, naming the key."""
+    if not is_dataclass(typed):
+        return
+    names = [f.name for f in fields(typed)]
+    for key in vars(typed):
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"{at}{key} is not a config key, so nothing would read it: "
+                              + (f"did you mean {at}{close[0]}? " if close else "")
+                              + f"{at.rstrip('.') or 'the config'} takes {', '.join(names)}")
+    for name in names:
+        _no_unknown_keys(getattr(typed, name), f"{at}{name}.")
 
 
 def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:

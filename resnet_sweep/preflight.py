@@ -42,8 +42,9 @@ def check(candidates: dict[str, list[tuple[Any, str]]], fixed: list[str],
             tried = [error for combination, error in outcomes.items() if combination[i] == value]
             if tried and all(error is not None for error in tried):
                 refused.append((name, what, tried[0]))
-    if refused:  # where every combination fails, the value whose key the error names is at fault
-        name, what, error = next((r for r in refused if r[0].lstrip("+~") in _reason(r[2])), refused[0])
+    if refused:  # where every combination fails, the value whose key the error names first is at fault
+        named = [(at, r) for r in refused if (at := _named_at(_reason(r[2]), r[0].lstrip("+~"))) is not None]
+        name, what, error = min(named, key=lambda pair: pair[0])[1] if named else refused[0]
         raise ConfigError(f"{what}, which no trial can train: {_reason(error)}. Change the search space so that "
                           f"every value it gives can train; nothing was created")
 
@@ -65,6 +66,12 @@ def _takes(cfg: DictConfig, key: str, value: Any) -> bool:
         return True
     except OmegaConfBaseException:
         return False
+
+
+def _named_at(text: str, key: str) -> int | None:
+    """Where `text` first names `key` itself (optimizer.lrr does not name optimizer.lr), or None."""
+    found = re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", text)
+    return found.start() if found else None
 
 
 def _reason(exc: BaseException) -> str:

@@ -188,3 +188,18 @@ def test_an_interval_over_a_whole_number_key_is_refused_with_advice_that_sweeps_
     preflight.check({"trainer.batch_size": space.candidates("trainer.batch_size", whole, fix.split("=", 1)[1])}, [],
                     sweep_config)
     preflight.whole_numbers("optimizer.lr", "interval(1,2)", 1.0, cfg)  # a float key takes it as it is
+
+
+def test_a_key_added_with_plus_that_no_schema_has_is_refused_not_dropped() -> None:
+    from resnet_sweep import preflight
+
+    cfg = compose_config("+optimizer.lrr=0.5", "tracking.uri=sqlite:////tmp/m.db", "tracking.artifact_location=/tmp")
+    with pytest.raises(ConfigError) as err:  # Hydra's advice for a key it does not know: add it with +
+        validate(cfg)
+    assert str(err.value).startswith("optimizer.lrr is not a config key") and "did you mean optimizer.lr?" in str(err.value)
+    # in a sweep, the refusal blames the added key, not the one the advice names
+    swept = {"optimizer.lr": [(0.1, "optimizer.lr=choice(0.1) gives optimizer.lr=0.1")],
+             "+optimizer.lrr": [(0.5, "+optimizer.lrr=choice(0.5) gives +optimizer.lrr=0.5")]}
+    with pytest.raises(ConfigError) as err:
+        preflight.check(swept, [], sweep_config)
+    assert str(err.value).startswith("+optimizer.lrr=choice(0.5) gives"), str(err.value)
