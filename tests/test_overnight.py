@@ -334,6 +334,7 @@ BAD_SPACES = {  # the swept value, words the message must have
     "an unknown group option": ("model=choice(resnet20,nosuch)", ["model=nosuch", "resnet56"]),
     "a typo in a key": ("model.activaton=choice(relu,tanh)", ["model.activaton", "Did you mean"]),
     "joblib's own timeout": ("hydra.launcher.timeout=4", ["hydra.launcher.timeout", "hydra.sweeper.trial_timeout"]),
+    "no trials": ("hydra.sweeper.n_trials=0", ["hydra.sweeper.n_trials=0", ">= 1"]),
     "an unknown sweeper setting": ("+hydra.sweeper.nosuch=1", ["hydra.sweeper.nosuch", "trial_timeout"]),
 }
 
