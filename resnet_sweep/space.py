@@ -33,8 +33,11 @@ def parse(overrides: list[str]) -> tuple[dict[str, BaseDistribution], list[str]]
         try:
             space[key] = _distribution(override)
         except ValueError as exc:
-            raise ConfigError(f"{override.input_line} cannot be swept: {exc} (e.g. a log interval starts above 0: "
-                              f"'optimizer.lr=tag(log,interval(1e-4,1))')") from None
+            value = override.value()
+            advice = ("an interval gives its lower bound first: interval(LOW,HIGH)" if override.is_interval_sweep()
+                      and value.start > value.end else "e.g. a log interval starts above 0: "
+                      "'optimizer.lr=tag(log,interval(1e-4,1))'")
+            raise ConfigError(f"{override.input_line} cannot be swept: {str(exc).rstrip('.')} ({advice})") from None
     return {k: d for k, d in space.items() if k not in fixed}, list(fixed.values())
 
 

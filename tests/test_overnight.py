@@ -324,6 +324,8 @@ BAD_SPACES = {  # the swept value, words the message must have
     "unknown choice": ("model.activation=choice(relu,nosuch)", ["model.activation=nosuch", "expected one of"]),
     "interval reaching below 0": ("optimizer.lr=interval(-1,1)", ["optimizer.lr=interval(-1,1)", "lower bound",
                                                                    "must be > 0"]),
+    "an interval with its bounds swapped": ("optimizer.lr=interval(1,1e-3)", ["optimizer.lr=interval(1,1e-3)",
+                                                                            "lower bound first"]),
     "negative choices": ("optimizer.lr=choice(-0.5,-0.1)", ["optimizer.lr=-0.5", "must be > 0"]),
     "a depth that is not 6n+2": ("model.depth=choice(8,33)", ["model.depth=33", "6n+2"]),
     "an interval over a whole-number key": ("trainer.batch_size=tag(log,interval(16,256))", [
