@@ -17,3 +17,8 @@ def exit_with(exc: UserError) -> NoReturn:
         raise exc
     print(f"Error: {exc}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def described(exc: BaseException) -> str:
+    """`Type: message`, or just the type where the message is empty (a KeyboardInterrupt's is)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -43,7 +43,7 @@ from optuna.trial import TrialState
 from resnet_sweep import faults, launchers, preflight, stores, trials, workers
 from resnet_sweep import space as spaces
 from resnet_sweep.config import ConfigError, listed, quoted, validate
-from resnet_sweep.errors import UserError, exit_with
+from resnet_sweep.errors import UserError, described, exit_with
 from resnet_sweep.trials import counted
 from resnet_sweep.workers import SWEEPER_PID_ENV, Terminated, install_sigterm_handler, uninterrupted
 
@@ -139,8 +139,8 @@ class ResnetOptunaSweeper(Sweeper):
         except (KeyboardInterrupt, Terminated) as exc:
             launchers.stop(self.launcher)
             if self.parent is not None:
-                self.parent.end("KILLED", f"interrupted: {type(exc).__name__}: {exc}")
-            log.error("Sweep interrupted (%s: %s). %s", type(exc).__name__, exc,
+                self.parent.end("KILLED", f"interrupted: {described(exc)}")
+            log.error("Sweep interrupted (%s). %s", described(exc),
                       f"Trials in flight are marked interrupted; run the same command again to finish study '{name}'."
                       if self.parent else "No trial had started; run the same command again to start it.")
             raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 143) from None  # 128 + SIGINT/SIGTERM
@@ -331,7 +331,7 @@ class ResnetOptunaSweeper(Sweeper):
             launchers.stop(self.launcher)
             for number in list(self._in_flight):
                 try:
-                    self._interrupt(number, f"interrupted: sweep stopped by {type(exc).__name__}: {exc}")
+                    self._interrupt(number, f"interrupted: sweep stopped by {described(exc)}")
                 except Exception as error:  # noqa: BLE001 (the store may be why it stopped: a rerun finds it silent)
                     log.warning("trial %d: could not mark it interrupted (%s)", number, error)
             raise

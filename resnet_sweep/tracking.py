@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_sweep import faults
 from resnet_sweep.claims import CLAIMS_TAG
+from resnet_sweep.errors import described
 from resnet_sweep.stores import create_whole, is_server, mask_passwords, safe_url, store_lock, wait_for_sqlite_locks
 from resnet_sweep.workers import Terminated, process_gone, process_tags
 
@@ -426,7 +427,7 @@ class JobRun:
             log.warning("MLflow run %s: %s: %s", self.run_id, type(error).__name__, error)
         status = "FAILED" if isinstance(exc, Exception) and fault is None else "KILLED"
         for write in (self.flush,  # the epochs recorded before it went wrong
-                      lambda: self.set_tags({"failure_reason": f"{type(exc).__name__}: {exc}"}),
+                      lambda: self.set_tags({"failure_reason": described(exc)}),
                       lambda: self.log_text_folder(job_dir / ".hydra", ".hydra"),
                       lambda: self.client.set_terminated(self.run_id, status)):
             try:

@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from resnet_sweep import faults
+from resnet_sweep.errors import described
 from resnet_sweep.stores import create_whole, wait_for_sqlite_locks
 from resnet_sweep.workers import Stalled, Terminated, interrupt_main, slurm_job_id, uninterrupted
 
@@ -290,7 +291,7 @@ class JobTrial:
         or a fault of the environment (retried, and the sweep stops: faults.py)."""
         if isinstance(exc, TrialEnded):
             return
-        reason, fault = f"{type(exc).__name__}: {exc}", faults.classify(exc)
+        reason, fault = described(exc), faults.classify(exc)
         if isinstance(exc, Stalled) and self.stalls >= STALL_RETRIES:  # these parameters stall: it counts
             args: dict[str, Any] = {"reason": f"{exc}; these parameters stalled {self.stalls + 1} times"}
         elif isinstance(exc, (Terminated, KeyboardInterrupt)):
