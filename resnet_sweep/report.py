@@ -679,10 +679,10 @@ def compare(uri: str, refs: list[str], out_root: Path = Path("outputs/reports"))
     (out / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md[2:-len(figures)]))
     experiment = client.get_experiment_by_name("comparisons")
-    if experiment is None:  # its artifacts beside the first sweep's experiment's, not in ./mlruns
-        where = client.get_experiment(sweeps[0].top.info.experiment_id).artifact_location.rstrip("/")
-        experiment = client.get_experiment(client.create_experiment("comparisons", f"{where.rsplit('/', 1)[0]}/"
-                                                                                   f"comparisons"))
+    if experiment is None:  # its artifacts where the first sweep's are (mlartifacts/), not in ./mlruns; a
+        where = client.get_experiment(sweeps[0].top.info.experiment_id).artifact_location  # server's: its own
+        experiment = client.get_experiment(client.create_experiment(
+            "comparisons", None if where.startswith("mlflow-artifacts:") else where))
     run = client.create_run(experiment.experiment_id,
                             run_name=" vs ".join(s.label for s in sweeps)[:250],
                             tags={"role": "comparison", "compared": " ".join(s.top.info.run_id for s in sweeps)})

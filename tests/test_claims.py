@@ -167,6 +167,8 @@ def test_compare_two_sweeps_with_their_claims_checked(workdir: Path) -> None:
     (comparison,) = client.search_runs([client.get_experiment_by_name("comparisons").experiment_id])
     assert comparison.data.tags["compared"] == f"{tops['degradation'].info.run_id} {tops['degradation_b'].info.run_id}"
     assert {Path(a.path).name for a in client.list_artifacts(comparison.info.run_id, "report")} >= {"summary.md"}
+    # its files beside every other run's (mlartifacts/), not in a folder of their own
+    assert comparison.info.artifact_uri.startswith((workdir / "mlartifacts").as_uri() + "/"), comparison.info.artifact_uri
 
 
 # Accuracy against cost: several objectives, a Pareto front
