@@ -400,6 +400,7 @@ class ResnetOptunaSweeper(Sweeper):
                      f"sweep.trial={trial.number}", *([_quoted("sweep.parent_run", parent)] if parent else []),
                      f"hydra.sweep.subdir={trial.number}"]  # job folder = trial number: unique across processes
         self._in_flight[trial.number] = 0.0
+        log.info("trial %d started: %s", trial.number, " ".join(f"{n}={v}" for n, v in params.items()) or "(no swept key)")
 
         inline = self._capacity() == 1 or self.kind == launchers.INLINE
 

@@ -71,7 +71,7 @@ def test_a_stopped_worker_is_killed_its_trial_retried_and_the_sweep_ends(workdir
     proc, log = start(workdir, "-m", "hydra.sweeper.n_trials=4", "trainer.epochs=30", "data.train_subset=256",
                       *FAST_HEARTBEAT)
     worker = pid_of_trial(workdir, 0, proc)
-    wait_for_epochs(log, "sweep.trial=0", 2, proc)
+    wait_for_epochs(log, "trial 0 started:", 2, proc)
     os.kill(worker, signal.SIGSTOP)  # stopped mid-trial: alive, silent, never progressing
     stopped = time.monotonic()
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
@@ -182,7 +182,7 @@ def test_a_job_that_wakes_after_its_trial_was_settled_records_nothing_over_it(wo
     command = ("-m", "workers=serial", "trainer.epochs=40", "data.train_subset=512", "hydra.sweeper.n_trials=2",
                "hydra.sweeper.study_name=S", *FAST_HEARTBEAT)
     first, log = start(workdir, *command)
-    wait_for_epochs(log, "sweep.trial=0", 3, first)
+    wait_for_epochs(log, "trial 0 started:", 3, first)
     wait_for_a_write(workdir, first)
     stop_between_writes(first.pid, workdir)  # the sweep and its job (serial: one process) stop mid-trial
     try:
@@ -231,7 +231,7 @@ def test_the_tracking_server_down_stops_the_sweep_and_the_same_command_finishes_
     command = ("-m", "trainer.epochs=20", "data.train_subset=512", "hydra.sweeper.n_trials=2", f"tracking.uri={url}")
     env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # minutes by default
     proc, log = start(workdir, *command, env=env)
-    wait_for_epochs(log, "sweep.trial=1", 3, proc)
+    wait_for_epochs(log, "trial 1 started:", 3, proc)
     tracking_server.down()
     stopped = time.monotonic()
     code = proc.wait(timeout=600)

@@ -44,7 +44,7 @@ STOPPABLE = ("-m", "hydra.sweeper.n_trials=4", "trainer.epochs=6", "data.train_s
 def test_a_stopped_sweep_leaves_nothing_behind_and_the_same_command_finishes_it_exactly(workdir: Path,
                                                                                         how: str) -> None:
     proc, log = start(workdir, *STOPPABLE)
-    wait_for_epochs(log, "sweep.trial=1", 2, proc)
+    wait_for_epochs(log, "trial 1 started:", 2, proc)
     started = session_processes(proc)
     assert len(started) >= 3  # the sweep and its two workers at least
     if how == "kill -9":
@@ -106,7 +106,7 @@ def test_a_grid_killed_mid_run_trains_every_cell_exactly_once_after_the_rerun(wo
     command = ("experiment=degradation", "-m", "trainer.epochs=8", "data.train_subset=256", "model.depth=choice(8,14)",
                "seed=choice(0,1)", "report=false", *FAST_HEARTBEAT)
     proc, log = start(workdir, *command)
-    wait_for_epochs(log, "sweep.trial=3", 3, proc)  # the second pair of cells, mid-training
+    wait_for_epochs(log, "trial 3 started:", 3, proc)  # the second pair of cells, mid-training
     proc.kill()
     proc.wait()
     time.sleep(5)
