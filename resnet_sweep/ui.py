@@ -78,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Open {url}\n(experiment '{name}': its runs, best {objective} first; Ctrl-C stops the server)", flush=True)
     # MLflow 3's server also starts ~8 job-runner processes (GenAI evaluation jobs, ~1.1 GB and ~11 s of CPU
     # together) that browsing runs never uses: off, by MLflow's documented switch, unless the user set it
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+           # each server process warned that starlette's WSGI middleware (MLflow's) is deprecated: not the user's
+           "PYTHONWARNINGS": ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"),
+                                                    "ignore:starlette.middleware.wsgi is deprecated"]))}
     try:
         return subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                                "--port", str(args.port)], env=env).returncode
