@@ -679,8 +679,8 @@ def compare(uri: str, refs: list[str], out_root: Path = Path("outputs/reports"))
     (out / "summary.md").write_text("\n".join(md) + "\n")
     print("\n".join(md[2:-len(figures)]))
     experiment = client.get_experiment_by_name("comparisons")
-    if experiment is None:  # its artifacts where the first sweep's are (mlartifacts/), not in ./mlruns; a
-        where = client.get_experiment(sweeps[0].top.info.experiment_id).artifact_location  # server's: its own
+    if experiment is None:  # its files where the first sweep's are (mlartifacts/; a server: where it keeps them)
+        where = client.get_experiment(sweeps[0].top.info.experiment_id).artifact_location
         experiment = client.get_experiment(client.create_experiment(
             "comparisons", None if where.startswith("mlflow-artifacts:") else where))
     run = client.create_run(experiment.experiment_id,

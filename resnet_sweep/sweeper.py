@@ -148,7 +148,7 @@ class ResnetOptunaSweeper(Sweeper):
             launchers.stop(self.launcher)  # workers that started would keep this process ~6 s importing
             self._environment_stop(exc, name)
             if self.parent is not None:
-                self.parent.end("FAILED", f"{type(exc).__name__}: {exc}")
+                self.parent.end("FAILED", described(exc))
             raise
 
     def _directions(self) -> list[str]:
@@ -450,7 +450,7 @@ class ResnetOptunaSweeper(Sweeper):
             try:
                 ret.return_value  # noqa: B018 (raises the job's exception)
             except Exception as error:  # noqa: BLE001
-                self.records.end(number, TrialState.FAIL, reason=f"{type(error).__name__}: {error}")
+                self.records.end(number, TrialState.FAIL, reason=described(error))
         else:
             self.records.settle(number, ret.return_value)
 
