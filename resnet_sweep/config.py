@@ -349,13 +349,15 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
                f"claims.{name}: a claim takes {', '.join(sorted(known))}; got {claim!r}")
         ClaimConfig(**claim).check(name, cfg)
     given = conf.objective
-    _check(isinstance(given, (str, enum.Enum, list, tuple)), f"objective={given!r}: choose one of {', '.join(OBJECTIVES)}, "
+    # a sweep may not select on the test set (the sweeper refuses test_*): not offered there
+    offered = ", ".join(o for o in OBJECTIVES if sweep_direction is None or not o.startswith("test_"))
+    _check(isinstance(given, (str, enum.Enum, list, tuple)), f"objective={given!r}: choose one of {offered}, "
                                                             f"or a list of different ones")
     names = [given] if isinstance(given, (str, enum.Enum)) else list(given)
     conf.objective = [getattr(n, "name", str(n)) for n in names]
     _check(bool(conf.objective) and all(n in OBJECTIVES for n in conf.objective)
            and len(set(conf.objective)) == len(conf.objective),
-           f"objective={listed(conf.objective)}: choose one of {', '.join(OBJECTIVES)}, or a list of different "
+           f"objective={listed(conf.objective)}: choose one of {offered}, or a list of different "
            f"ones (e.g. 'objective=[val_acc,num_parameters]')")
     if sweep_direction is not None:
         wanted = [direction(n) for n in conf.objective]

@@ -203,3 +203,13 @@ def test_a_key_added_with_plus_that_no_schema_has_is_refused_not_dropped() -> No
     with pytest.raises(ConfigError) as err:
         preflight.check(swept, [], sweep_config)
     assert str(err.value).startswith("+optimizer.lrr=choice(0.5) gives"), str(err.value)
+
+
+def test_an_unknown_objective_is_told_the_objectives_a_sweep_may_select_on() -> None:
+    cfg = compose_config("objective=accuracy", "tracking.uri=sqlite:////tmp/m.db", "tracking.artifact_location=/tmp")
+    with pytest.raises(ConfigError) as single:
+        validate(cfg)
+    with pytest.raises(ConfigError) as sweep:
+        validate(cfg, sweep_direction="maximize")
+    assert "test_acc" in str(single.value) and "val_acc" in str(sweep.value)
+    assert "test_" not in str(sweep.value)  # a sweep refuses to select on the test set: not offered
