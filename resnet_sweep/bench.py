@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_to is not None or args.sweep:
         return _other_bench(args.sweep, argv if argv is not None else sys.argv[1:])
     cfg = compose(["model=article", "trainer.batch_size=32", *overrides], job_name="bench")
-    model_cfg, trainer = to_typed(cfg.model), to_typed(cfg.trainer)
+    model_cfg, trainer = to_typed(cfg.model, "model."), to_typed(cfg.trainer, "trainer.")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(trainer.device)

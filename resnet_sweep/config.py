@@ -307,16 +307,16 @@ class Config:
     claims: dict[str, Any] = field(default_factory=dict)
 
 
-def to_typed(node: DictConfig) -> Any:
+def to_typed(node: DictConfig, at: str = "") -> Any:
     """A composed (sub)config as its dataclass, running every `__post_init__` check; ConfigError for a key
-    its schema does not have."""
+    its schema does not have, named under `at` (the node's place, e.g. `model.`)."""
     try:
         typed = OmegaConf.to_object(node)
     except ValidationError as exc:  # OmegaConf wraps what __post_init__ raised; show just that
         if isinstance(exc.__cause__, ConfigError):
             raise exc.__cause__ from None
         raise
-    _no_unknown_keys(typed, "")
+    _no_unknown_keys(typed, at)
     return typed
 
 

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = compose(args.overrides, job_name="summary")
-        model_cfg, data_cfg = to_typed(cfg.model), to_typed(cfg.data)
+        model_cfg, data_cfg = to_typed(cfg.model, "model."), to_typed(cfg.data, "data.")
     except HydraException as exc:  # an unknown preset or key: Hydra's message names it
         exit_with(UserError(str(exc)))
     except UserError as exc:
