@@ -66,6 +66,22 @@ def test_the_private_names_the_sweep_still_needs_exist() -> None:
         assert hasattr(importlib.import_module(module), name), f"{dotted} is gone (resnet_sweep/launchers.py uses it)"
 
 
+def test_the_loggers_conf_quiets_are_the_launchers_own() -> None:
+    """conf/config.yaml sets the launchers' loggers to WARNING by name (each module's own logger, named after
+    it), so that a sweep prints one line per trial of its own; if an upgrade moves a module, its three lines
+    per trial come back, and this names the break."""
+    import importlib
+
+    from omegaconf import OmegaConf
+
+    from resnet_sweep.presets import CONF_DIR
+
+    loggers = OmegaConf.load(CONF_DIR / "config.yaml").hydra.hydra_logging.loggers
+    assert len(loggers) == 3
+    for name in loggers:
+        assert importlib.import_module(name).log.name == name, f"{name} no longer logs as {name}"
+
+
 def test_the_package_has_no_import_cycle_lazy_imports_included() -> None:
     """Every `resnet_sweep` import in a module, at its top or inside a function, points one way."""
     import ast
