@@ -173,10 +173,10 @@ def _unavailable(cfg: DataConfig, folders: list[Path], exc: Exception | None) ->
     why = f" (download failed: {type(exc).__name__}: {' '.join(str(exc).split())[:400]})" if exc else " (data.download=false)"
     files = ("the four IDX files " + ", ".join(IDX_FILES) + " (each may end in .gz)"
              if cfg.name.name in ("mnist", "fashion_mnist") else "CIFAR-10's python batches (data_batch_1..5, test_batch)")
+    fetch = "with the network and data.download=true" if exc is None else "where the network reaches them"
     return DataUnavailable(
         f"dataset '{cfg.name.name}' not found: expected {files} in {where}{why}. "
-        f"Put them there, run once {'with the network and data.download=true' if exc is None else 'where the network reaches them'}"
-        f", set data.root, or use data=digits, which works offline.")
+        f"Put them there, run once {fetch}, set data.root, or use data=digits, which works offline.")
 
 
 # The arrays this process loaded last, kept for its next job: a sweep's worker runs trial after trial on the

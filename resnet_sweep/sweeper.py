@@ -203,7 +203,7 @@ class ResnetOptunaSweeper(Sweeper):
         if self.unknown:
             raise ConfigError(f"hydra.sweeper.{self.unknown[0]} is not a setting of the sweeper; it takes "
                               f"{', '.join(f.name for f in fields(ResnetOptunaSweeperConf) if f.name[0] != '_')}")
-        if not isinstance(self.s.n_trials, int) or self.s.n_trials < 1:
+        if self.s.n_trials < 1:  # an int: the schema says so
             raise ConfigError(f"hydra.sweeper.n_trials={self.s.n_trials}: give the number of trials the study "
                               f"should hold when the sweep ends, >= 1")
         if self.s.n_jobs is not None and self.s.n_jobs < 1:
