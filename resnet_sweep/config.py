@@ -8,15 +8,25 @@ composed config into these objects, before any data is loaded or any run is reco
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import enum
+import functools
 import hashlib
+import importlib
+import inspect
+import json
 import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
 
+from resnet_sweep import cache
 from resnet_sweep.claims import flat
 from resnet_sweep.errors import UserError
 from resnet_sweep.architectures import ACTIVATION_NAMES, ARTICLE_DEPTH, IMAGENET_DEPTHS, cifar_depths
@@ -29,7 +39,6 @@ Shortcut = enum.Enum("Shortcut", "A B")
 Init = enum.Enum("Init", "kaiming xavier normal torch")
 Stem = enum.Enum("Stem", "auto small large")
 DatasetName = enum.Enum("DatasetName", "digits mnist fashion_mnist cifar10")
-OptimizerName = enum.Enum("OptimizerName", "sgd adam adamw")
 SchedulerName = enum.Enum("SchedulerName", "none multistep cosine plateau")
 # Metrics a job can hand to the sweeper as its objective (their values after the last epoch).
 Metric = enum.Enum("Metric", "val_acc val_loss train_acc train_loss test_acc test_loss")
@@ -110,15 +119,8 @@ class DataConfig:
                f"data.val_subset={self.val_subset} must be a positive count or null (all)")
 
 
-# The settings each optimizer and scheduler takes, with the value used when a preset leaves one out
-# (lr and weight_decay: every optimizer). Any other setting given is an error, never silently dropped.
-# Adding an optimizer: its name in OptimizerName, its settings here, a branch in train.build_optimizer,
-# a preset in conf/optimizer/.
-OPTIMIZER_SETTINGS: dict[str, dict[str, Any]] = {
-    "sgd": {"momentum": 0.9, "nesterov": False},  # He et al. 2015's momentum
-    "adam": {"betas": [0.9, 0.999]},
-    "adamw": {"betas": [0.9, 0.999]},
-}
+# The settings each scheduler takes, with the value used when a preset leaves one out. Any other setting
+# given is an error, never silently dropped. (Optimizers name their class instead: OptimizerConfig.)
 SCHEDULER_SETTINGS: dict[str, dict[str, Any]] = {
     "none": {},
     "multistep": {"milestones": [0.5, 0.75], "gamma": 0.1},
@@ -137,7 +139,7 @@ def _own_settings_only(group: str, node: Any, table: dict[str, dict[str, Any]]) 
     """Reject settings that `node`'s choice does not take."""
     name = node.name.name
     own = table[name]
-    takes = [*(("lr", "weight_decay") if group == "optimizer" else ()), *own]
+    takes = list(own)
     for key in sorted({k for settings in table.values() for k in settings} - set(own)):
         value = getattr(node, key)
         users = [f"{group}={n}" for n, settings in table.items() if key in settings]
@@ -148,18 +150,81 @@ def _own_settings_only(group: str, node: Any, table: dict[str, dict[str, Any]]) 
 
 @dataclass
 class OptimizerConfig:
-    name: OptimizerName = OptimizerName.sgd
+    """An optimizer as its preset names it (conf/optimizer/*.yaml): `_target_`, a class such as
+    torch.optim.Adam, and its keyword arguments, every other key; adding an optimizer is one YAML file.
+    `of` checks each key against the class's signature (`arguments`), before any training."""
+    target: str = "torch.optim.SGD"
     lr: float = 0.1
-    weight_decay: float = 0.0
-    momentum: Optional[float] = None  # sgd
-    nesterov: Optional[bool] = None  # sgd
-    betas: Optional[list[float]] = None  # adam, adamw
+    settings: dict[str, Any] = field(default_factory=dict)  # the other keyword arguments, e.g. momentum
 
-    def __post_init__(self) -> None:
-        _check(self.lr > 0, f"optimizer.lr={self.lr} must be > 0 (e.g. 0.1 for sgd, 1e-3 for adam)")
-        _check(self.weight_decay >= 0, f"optimizer.weight_decay={self.weight_decay} must be >= 0")
-        _own_settings_only("optimizer", self, OPTIMIZER_SETTINGS)
-        _check(self.momentum is None or 0 <= self.momentum < 1, f"optimizer.momentum={self.momentum} must be in [0, 1)")
+    @property
+    def name(self) -> str:
+        """sgd, adam, adamw: the class's name, as the runs' params show it."""
+        return self.target.rpartition(".")[2].lower()
+
+    @classmethod
+    def of(cls, node: dict[str, Any]) -> OptimizerConfig:
+        given = dict(node)
+        target = given.pop("_target_", None)
+        _check(isinstance(target, str) and re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", target) is not None,
+               f"optimizer._target_={target} must name an optimizer's class, e.g. torch.optim.SGD; or choose a "
+               f"preset: optimizer=sgd, adam or adamw")
+        takes = arguments(target, "optimizer._target_")
+        for key, value in given.items():
+            if key not in takes:
+                close = difflib.get_close_matches(key, takes, n=1)
+                others = [p.stem for p in sorted((Path(__file__).parent / "conf" / "optimizer").glob("*.yaml"))
+                          if key in OmegaConf.load(p)]  # the presets that set it
+                raise ConfigError(f"optimizer.{key} is not a config key: optimizer._target_={target} takes no argument "
+                                  f"{key} (given {value}); " + (f"did you mean optimizer.{close[0]}? It" if close else "it")
+                                  + f" takes {', '.join(takes)}"
+                                  + (f". Or choose optimizer={' or '.join(others)}, which sets it" if others else ""))
+        lr = given.pop("lr", None)
+        _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
+               f"optimizer.lr={lr} must be > 0 (e.g. 0.1 for sgd, 1e-3 for adam)")
+        wd = given.get("weight_decay", 0)
+        _check(isinstance(wd, (int, float)) and wd >= 0, f"optimizer.weight_decay={wd} must be >= 0")
+        momentum = given.get("momentum", 0)
+        _check(isinstance(momentum, (int, float)) and 0 <= momentum < 1,
+               f"optimizer.momentum={momentum} must be in [0, 1)")
+        return cls(target, float(lr), given)
+
+
+@functools.cache
+def arguments(target: str, key: str) -> list[str]:
+    """The keyword arguments of the class `target` names, but its first (an optimizer's params), by its
+    signature; ConfigError naming `key` where no class can be imported. A sweep's own process never imports
+    torch (it runs for days on a login node, and small): there a child process reads them, once per version
+    of the package the class is in (kept in the cache folder)."""
+    if target.partition(".")[0] in sys.modules:
+        return _arguments(target, key)
+    try:
+        kept: Path | None = cache.folder() / f"arguments-{target}-{version(target.partition('.')[0])}.json"
+    except Exception:  # noqa: BLE001 (not of an installed package, or no home folder: read it each time)
+        kept = None
+    with contextlib.suppress(Exception):  # not kept yet, or damaged: read it below
+        return json.loads(kept.read_text())  # type: ignore[union-attr]
+    child = subprocess.run([sys.executable, "-m", "resnet_sweep.config", target, key], capture_output=True, text=True)
+    if child.returncode != 0:
+        raise ConfigError((child.stderr.strip().splitlines() or [f"{key}={target} cannot be read"])[-1])
+    if kept is not None:
+        cache.keep(kept, lambda out: out.write(child.stdout.encode()))
+    return json.loads(child.stdout)
+
+
+def named_class(target: str) -> Any:
+    """The class (or function) a dotted name such as torch.optim.SGD names, imported."""
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _arguments(target: str, key: str) -> list[str]:
+    try:
+        parameters = list(inspect.signature(named_class(target)).parameters.values())[1:]
+    except Exception as exc:  # noqa: BLE001 (no such module or class, or not a callable: named in the error)
+        raise ConfigError(f"{key}={target} names no class that can be imported ({type(exc).__name__}: {exc}); "
+                          f"name one such as torch.optim.SGD") from None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 @dataclass
@@ -291,7 +356,8 @@ class ClaimConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # an open node, each preset naming its class and arguments: an OptimizerConfig once validated
+    optimizer: Any = field(default_factory=dict)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -343,6 +409,7 @@ def validate(cfg: DictConfig, sweep_direction: Any = None) -> Config:
     """
     conf = to_typed(cfg)
     assert isinstance(conf, Config)
+    conf.optimizer = OptimizerConfig.of(conf.optimizer)
     for name, claim in conf.claims.items():
         known = {f.name for f in fields(ClaimConfig)}
         _check(isinstance(claim, dict) and set(claim) <= known,
@@ -411,3 +478,10 @@ def study_model(choice: str, overrides: Any, params: Any) -> str:
     if "model" in keys:
         return "models"
     return "+".join(sorted(k.removeprefix("model.") for k in keys))
+
+
+if __name__ == "__main__":  # arguments() in a child process: python -m resnet_sweep.config TARGET KEY
+    try:
+        print(json.dumps(_arguments(sys.argv[1], sys.argv[2])))
+    except ConfigError as exc:
+        sys.exit(str(exc))

@@ -7,7 +7,6 @@ DataLoader of the seed article, which is the slow path on a GPU (and on a CPU fo
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from resnet_sweep import cache
 from resnet_sweep.config import DataConfig
 from resnet_sweep.errors import UserError
 
@@ -58,29 +58,17 @@ def _digits() -> tuple[np.ndarray, ...]:
     from importlib.metadata import version
 
     names = ("x_train", "x_test", "y_train", "y_test")
+    kept = None
     try:
-        kept = _cache_folder() / f"digits-sklearn-{version('scikit-learn')}-split{DIGITS_SPLIT}.npz"
+        kept = cache.folder() / f"digits-sklearn-{version('scikit-learn')}-split{DIGITS_SPLIT}.npz"
         with np.load(kept) as held:
             return tuple(held[n] for n in names)
     except Exception:  # noqa: BLE001 (missing, empty, damaged, no home folder: made again below)
         pass
     arrays = _split_digits()
-    try:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        fd, part = tempfile.mkstemp(dir=kept.parent, prefix=f".{kept.name}.")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                np.savez(out, **dict(zip(names, arrays)))
-            os.replace(part, kept)  # whole or not at all: parallel jobs may write it at once
-        finally:
-            Path(part).unlink(missing_ok=True)
-    except Exception:  # noqa: BLE001 (a read-only or missing home folder: nothing is kept)
-        pass
+    if kept is not None:
+        cache.keep(kept, lambda out: np.savez(out, **dict(zip(names, arrays))))
     return arrays
-
-
-def _cache_folder() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resnet_sweep"
 
 
 def _split_digits() -> tuple[np.ndarray, ...]:

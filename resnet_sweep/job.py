@@ -212,8 +212,8 @@ def record_start(run: tracking.JobRun | None, conf: Config, built: Built) -> dic
     if run is not None:
         data = built.data
         run.log_dataset(conf.data.name.name, len(data.train), len(data.val), len(data.test))
-        run.log_params({"model.num_parameters": int(size["num_parameters"]), "device": built.device,
-                        "torch.threads": torch.get_num_threads()})
+        run.log_params({"model.num_parameters": int(size["num_parameters"]), "optimizer.name": conf.optimizer.name,
+                        "device": built.device, "torch.threads": torch.get_num_threads()})
         run.log_metrics(size, step=0)
     if built.gradients is not None:
         x, y = probe_batch(built.data.train, conf.trainer.grad_probe_size, conf.data.split_seed)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from resnet_sweep.config import (OPTIMIZER_SETTINGS, SCHEDULER_SETTINGS, ConfigError, OptimizerConfig, SchedulerConfig,
-                                  TrainerConfig, settings)
+from resnet_sweep.config import (SCHEDULER_SETTINGS, ConfigError, OptimizerConfig, SchedulerConfig,
+                                  TrainerConfig, named_class, settings)
 from resnet_sweep.data import Data, Split, batches, pad_crop_flip
 from resnet_sweep.diagnostics import GradientNorms
 
@@ -76,12 +76,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    name, own = cfg.name.name, settings(cfg, OPTIMIZER_SETTINGS)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=own["momentum"], nesterov=own["nesterov"],
-                               weight_decay=cfg.weight_decay)
-    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg.lr, betas=tuple(own["betas"]), weight_decay=cfg.weight_decay)  # type: ignore[arg-type]
+    """The class the preset names, given its arguments (a list as a tuple: Adam's betas)."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.settings.items()}
+    return named_class(cfg.target)(params, lr=cfg.lr, **given)
 
 
 def build_schedule(opt: torch.optim.Optimizer, cfg: SchedulerConfig, epochs: int, steps_per_epoch: int) -> Schedule:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from conftest import compose_config
 
-from resnet_sweep.config import ConfigError, to_typed, validate
+from resnet_sweep.config import ConfigError, OptimizerConfig, arguments, named_class, to_typed, validate
 from resnet_sweep.models import build_model, weighted_layers
 from resnet_sweep.presets import CONF_DIR as CONF, register
 
@@ -31,7 +35,9 @@ def test_the_issue_named_presets_compose_to_what_they_are_named() -> None:
                          ("optimizer", ("sgd", "adam", "adamw")),
                          ("scheduler", ("none", "multistep", "cosine", "plateau"))):
         for name in names:
-            assert to_typed(compose_config(f"{group}={name}")[group]).name.name == name
+            node = compose_config(f"{group}={name}")[group]  # an optimizer: an open node naming its class
+            typed = OptimizerConfig.of(OmegaConf.to_container(node)) if group == "optimizer" else to_typed(node)
+            assert getattr(typed.name, "name", typed.name) == name
 
 
 @pytest.mark.parametrize("model", presets("model"))
@@ -81,9 +87,11 @@ def test_unknown_choice_names_the_available_ones() -> None:
     ("optimizer.lr=-0.1", ["optimizer.lr", "> 0"]),
     ("data.val_fraction=1.5", ["val_fraction"]),
     ("trainer.device=tpu", ["cuda", "cpu"]),
-    # each optimizer and scheduler takes only its own settings, and says which those are
-    ("optimizer=adam optimizer.momentum=0.5", ["optimizer.momentum=0.5", "adam", "lr, weight_decay, betas"]),
-    ("optimizer=sgd optimizer.betas=[0.9,0.99]", ["optimizer.betas", "momentum, nesterov"]),
+    # each optimizer and scheduler takes only its own settings, and says which those are (an optimizer: its
+    # class's arguments; Hydra refuses a key its preset lacks and advises adding it with +)
+    ("optimizer=adam +optimizer.momentum=0.5", ["optimizer.momentum", "0.5", "torch.optim.Adam",
+                                                 "lr, betas, eps, weight_decay"]),
+    ("optimizer=sgd +optimizer.betas=[0.9,0.99]", ["optimizer.betas", "lr, momentum, dampening, weight_decay, nesterov"]),
     ("scheduler=cosine scheduler.patience=3", ["scheduler.patience=3", "cosine", "takes min_lr"]),
     ("scheduler=none scheduler.monitor=train_loss", ["scheduler.monitor=train_loss", "no settings"]),
     ("scheduler.warmup_epochs=-1", ["scheduler.warmup_epochs=-1", ">= 0"]),
@@ -91,23 +99,38 @@ def test_unknown_choice_names_the_available_ones() -> None:
 def test_invalid_values_fail_validation_naming_the_fix(override: str, words: list[str]) -> None:
     cfg = compose_config(*override.split())
     with pytest.raises(ConfigError) as err:
-        for g in ("model", "data", "optimizer", "scheduler", "trainer"):
+        for g in ("model", "data", "scheduler", "trainer"):
             to_typed(cfg[g])
+        OptimizerConfig.of(OmegaConf.to_container(cfg.optimizer))  # an open node: its preset names the class
     for w in words:
         assert w in str(err.value)
 
 
-def test_a_setting_a_preset_leaves_out_takes_its_documented_default() -> None:
+@pytest.mark.parametrize("name", presets("optimizer"))
+def test_an_optimizer_preset_is_its_class_and_arguments_alone(name: str) -> None:
     import torch
 
-    from resnet_sweep.config import OptimizerConfig, OptimizerName
     from resnet_sweep.train import build_optimizer
 
-    params = [torch.nn.Parameter(torch.zeros(1))]
-    sgd = build_optimizer(params, OptimizerConfig(name=OptimizerName.sgd, lr=0.1))
-    adam = build_optimizer(params, OptimizerConfig(name=OptimizerName.adam, lr=0.1))
-    assert (sgd.defaults["momentum"], sgd.defaults["nesterov"]) == (0.9, False)
-    assert adam.defaults["betas"] == (0.9, 0.999)
+    node = OmegaConf.to_container(compose_config(f"optimizer={name}").optimizer)
+    built = build_optimizer([torch.nn.Parameter(torch.zeros(1))], OptimizerConfig.of(node))
+    assert type(built) is named_class(node["_target_"])
+    assert {k: built.defaults[k] for k in node if k != "_target_"} == {k: tuple(v) if isinstance(v, list) else v
+                                                                       for k, v in node.items() if k != "_target_"}
+
+
+def test_an_optimizer_the_config_names_is_checked_without_torch_in_the_sweeping_process(tmp_path) -> None:  # noqa: ANN001
+    """A sweep's process reads an optimizer's arguments in a child process, kept in the cache folder."""
+    code = ("import sys; from resnet_sweep.config import arguments; "
+            "print(arguments('torch.optim.Adam', 'optimizer._target_')[:3], 'torch' in sys.modules)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    for _ in range(2):  # read, then kept
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.split("] ")[1].strip() == "False" and "'lr', 'betas', 'eps'" in out.stdout
+    assert len(list(tmp_path.glob("resnet_sweep/arguments-torch.optim.Adam-*.json"))) == 1
+    with pytest.raises(ConfigError) as err:
+        arguments("torch.optim.Adamm", "optimizer._target_")
+    assert "optimizer._target_=torch.optim.Adamm names no class" in str(err.value)
 
 
 @pytest.mark.parametrize("objective,direction,ok", [("val_acc", "maximize", True), ("val_acc", "minimize", False),

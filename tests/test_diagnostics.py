@@ -64,7 +64,7 @@ def test_each_epoch_records_one_norm_per_layer_from_training_steps() -> None:
     model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
     gradients = GradientNorms(model, last_steps=3)
     seen = []
-    fit(model, DATA, build_optimizer(model.parameters(), OptimizerConfig(lr=0.05)), None,
+    fit(model, DATA, build_optimizer(model.parameters(), OptimizerConfig(lr=0.05, settings={"momentum": 0.9})), None,
         TrainerConfig(epochs=2, batch_size=256), seed_everything(0), gradients=gradients,
         on_epoch=lambda metrics, epoch: seen.append(metrics))
     assert len(seen) == 2

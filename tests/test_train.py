@@ -22,7 +22,7 @@ def train(epochs: int = 3, lr: float = 0.05, seed: int = 0, **trainer) -> tuple[
     model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
     if trainer.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=lr))
+    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=lr, settings={"momentum": 0.9}))
     return model, fit(model, DATA, opt, None, TrainerConfig(epochs=epochs, batch_size=64, **trainer), generator)
 
 
@@ -50,7 +50,7 @@ def test_fast_paths_still_learn_on_the_cpu(trainer: dict) -> None:
 def test_a_non_finite_loss_stops_before_its_update() -> None:
     generator = seed_everything(0)
     model = build_model(ModelConfig(depth=8, norm=Norm.none), (1, 8, 8), 10)
-    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=1e12, momentum=0.0))
+    opt = build_optimizer(model.parameters(), OptimizerConfig(lr=1e12))
     with pytest.raises(NonFiniteLoss) as err:
         fit(model, DATA, opt, None, TrainerConfig(epochs=5, batch_size=64), generator)
     assert err.value.epoch == 1 and "non-finite" in str(err.value)
@@ -139,7 +139,7 @@ def test_save_best_tests_the_best_validation_epoch_not_the_last(tmp_path) -> Non
     for lr, seed in itertools.product((1.0, 2.0, 0.5), range(3)):
         generator = seed_everything(seed)
         model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
-        opt = build_optimizer(model.parameters(), OptimizerConfig(lr=lr))
+        opt = build_optimizer(model.parameters(), OptimizerConfig(lr=lr, settings={"momentum": 0.9}))
         states, accs = [], []
 
         def on_epoch(metrics: dict[str, float], epoch: int) -> None:
