@@ -21,6 +21,19 @@ from resnet_sweep.workers import Terminated
 
 register()  # the typed schema that conf/config.yaml names as `base_config`
 
+# Hydra's flags that choose what a command does, one per command (Hydra stops a second with a traceback)
+MODES = {"-r": "--run", "--run": "--run", "-m": "-m", "--multirun": "-m", "-c": "--cfg", "--cfg": "--cfg",
+         "-i": "--info", "--info": "--info", "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+
+
+def one_mode(argv: list[str]) -> None:
+    """Refuse two of Hydra's modes in one command (`-m --cfg hydra`) in one line, saying what each does."""
+    modes = list(dict.fromkeys(MODES[a.partition("=")[0]] for a in argv if a.partition("=")[0] in MODES))
+    if len(modes) > 1:
+        exit_with(UserError(f"{' and '.join(modes)} cannot go together: --cfg and --info print what a command "
+                            f"would use and run nothing, -m sweeps; drop one. A sweep's search space and "
+                            f"sampler are under hydra.sweeper in `--cfg hydra`"))
+
 
 @hydra.main(config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
@@ -47,4 +60,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    one_mode(sys.argv[1:])
     main()

@@ -236,3 +236,14 @@ def test_an_unknown_objective_is_told_the_objectives_a_sweep_may_select_on() -> 
         validate(cfg, sweep_direction="maximize")
     assert "test_acc" in str(single.value) and "val_acc" in str(sweep.value)
     assert "test_" not in str(sweep.value)  # a sweep refuses to select on the test set: not offered
+
+
+def test_two_of_hydras_modes_in_one_command_is_one_line_whose_advice_works(tmp_path) -> None:  # noqa: ANN001
+    both = subprocess.run([sys.executable, "-m", "resnet_sweep", "-m", "--cfg", "hydra"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert both.returncode == 2 and "Traceback" not in both.stderr, both.stderr
+    assert both.stderr.startswith("Error: -m and --cfg cannot go together") and "`--cfg hydra`" in both.stderr
+    shown = subprocess.run([sys.executable, "-m", "resnet_sweep", "--cfg", "hydra"], cwd=tmp_path,
+                           capture_output=True, text=True, check=True)
+    sweeper = OmegaConf.create(shown.stdout).hydra.sweeper  # the search space and sampler, as the advice says
+    assert "optimizer.lr" in sweeper.params and "sampler" in sweeper
