@@ -37,7 +37,8 @@ def free_port() -> int:
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_the_ui_opens_on_the_runs_table_with_each_runs_net_and_result_best_first(workdir: Path) -> None:
+def test_the_ui_opens_on_the_runs_table_with_each_runs_net_and_result_best_first_and_ctrl_c_stops_it_quietly(
+        workdir: Path) -> None:
     quick = ("trainer.epochs=2", "data.train_subset=256")
     assert run_cli(workdir, "-m", *quick, "hydra.sweeper.n_trials=3", "workers=serial").returncode == 0
     assert run_cli(workdir, *quick, "model=plain20").returncode == 0
@@ -56,8 +57,17 @@ def test_the_ui_opens_on_the_runs_table_with_each_runs_net_and_result_best_first
                 time.sleep(0.5)
         text = rendered_text(url)
     finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)
+        os.killpg(ui.pid, signal.SIGINT)  # Ctrl-C in its terminal: the server's process group
+        rest = ui.communicate(timeout=60)[0]
+    assert ui.returncode == 0 and "Traceback" not in rest, rest
+    assert not re.search(r"INFO: +(Shutting down|Finished server process|Waiting for)", rest), rest  # uvicorn's
+    for _ in range(40):  # nothing left serving: its processes end within seconds
+        if not subprocess.run(["pgrep", "-s", str(ui.pid)], capture_output=True).stdout:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(subprocess.run(["ps", "-o", "pid,cmd", "-s", str(ui.pid)], capture_output=True,
+                                            text=True).stdout)
     # the runs table in "Model training" mode, not the GenAI overview
     assert "Run Name" in text and "Sort: val_acc" in text, text[:1500]
     assert "Detect Issues" not in text and "Traces 0" not in text
