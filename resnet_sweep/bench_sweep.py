@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -95,7 +94,7 @@ def startup(folder: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from resnet_sweep.workers import cores
+    from resnet_sweep.workers import cores, cpu_name
 
     parser = argparse.ArgumentParser(prog="python -m resnet_sweep.bench --sweep", description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
@@ -132,13 +131,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

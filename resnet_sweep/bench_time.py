@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     if not 0 < args.time_to <= 1:
         parser.error(f"--time-to {args.time_to}: give a test accuracy in (0, 1], e.g. --time-to 0.99")
-    from resnet_sweep.bench_sweep import cpu_name
+    from resnet_sweep.workers import cpu_name
 
     results = []
     for seed in args.seeds:

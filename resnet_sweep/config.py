@@ -260,7 +260,8 @@ class TrainerConfig:
     save_best: bool = False  # keep the checkpoint of the best val_acc epoch and test that one
     grad_norms: bool = True  # per-layer weight-gradient norms at init and each epoch (diagnostics.py)
     precision: Precision = Precision.fp32  # bf16/fp16: autocast for forward and loss (fp16 adds loss scaling)
-    channels_last: bool = True  # NHWC memory format for the model and each batch (BENCHMARKS.md)
+    # NHWC memory format for the model and each batch; null: the faster here, measured once (memory_format.py)
+    channels_last: Optional[bool] = None
     compile: bool = False  # torch.compile the model (pays only when the trial outlasts the compile time)
     grad_probe_size: int = 128  # examples in the fixed, seeded batch for the init record
     # also test after every epoch (epoch_test_loss/epoch_test_acc: learning curves, time to an accuracy); never

@@ -30,6 +30,7 @@ from resnet_sweep.config import Config, validate
 from resnet_sweep.data import Data, probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.lesion import lesion_study
+from resnet_sweep.memory_format import channels_last_pays
 from resnet_sweep.models import build_model, count_parameters, flops_per_sample, removable_blocks
 from resnet_sweep.train import (NonFiniteLoss, Schedule, build_optimizer, build_schedule, fit, resolve_device,
                                  seed_everything, steps_per_epoch)
@@ -139,9 +140,12 @@ def build(conf: Config, seed: int) -> Built:
     generator = seed_everything(seed)
     device = resolve_device(conf.trainer.device)
     model = build_model(conf.model, conf.data.input_shape, conf.data.num_classes).to(device)
+    data = datasets.load(conf.data, device)  # a missing dataset fails here, before any run is recorded
+    if conf.trainer.channels_last is None:  # the faster on this machine (memory_format.py)
+        conf.trainer.channels_last = channels_last_pays(model, data.train, conf.trainer.batch_size,
+                                                        conf.trainer.precision.name, device)
     if conf.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    data = datasets.load(conf.data, device)  # a missing dataset fails here, before any run is recorded
     optimizer = build_optimizer(model.parameters(), conf.optimizer)
     log.info("%s-%d (%s layout, %s, norm %s) on %s (%d train / %d val / %d test) on %s, %s parameters, seed %d",
              conf.model.family.name, conf.model.depth, conf.model.layout.name, conf.model.activation.name,
@@ -213,7 +217,8 @@ def record_start(run: tracking.JobRun | None, conf: Config, built: Built) -> dic
         data = built.data
         run.log_dataset(conf.data.name.name, len(data.train), len(data.val), len(data.test))
         run.log_params({"model.num_parameters": int(size["num_parameters"]), "optimizer.name": conf.optimizer.name,
-                        "device": built.device, "torch.threads": torch.get_num_threads()})
+                        "device": built.device, "torch.threads": torch.get_num_threads(),
+                        "memory_format": "channels_last" if conf.trainer.channels_last else "contiguous"})
         run.log_metrics(size, step=0)
     if built.gradients is not None:
         x, y = probe_batch(built.data.train, conf.trainer.grad_probe_size, conf.data.split_seed)

@@ -42,6 +42,7 @@ def test_a_run_is_recorded_in_mlflow(workdir: Path) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["model.depth"] == "20" and run.data.params["model.family"] == "resnet"
     assert run.data.params["model.num_parameters"] == "269434"
+    assert run.data.params["memory_format"] in ("channels_last", "contiguous")  # trainer.channels_last=null: measured
     assert run.data.tags["choice.model"] == "resnet20" and run.data.tags["choice.data"] == "digits"
     assert "data.train_subset=256" in run.data.tags["hydra.overrides"]
     assert run.data.tags["version.torch"] and run.data.tags["mlflow.source.git.commit"]

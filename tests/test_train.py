@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -154,3 +155,23 @@ def test_save_best_tests_the_best_validation_epoch_not_the_last(tmp_path) -> Non
     assert best != len(accs) - 1, f"every seed's last epoch was its best ({accs}): pick a higher lr"
     assert all(torch.equal(v, states[best][k]) for k, v in model.state_dict().items())
     assert metrics["test_acc"] == evaluate(model, DATA.test, 1024)[1]
+
+
+def test_the_faster_memory_format_is_measured_once_per_machine_net_and_batch_and_kept(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    from resnet_sweep.memory_format import channels_last_pays
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    chosen = channels_last_pays(model, DATA.train, 64, "fp32", torch.device("cpu"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # timed on copies
+    kept = tmp_path / "resnet_sweep" / "memory_format.json"
+    (key, entry), = json.loads(kept.read_text()).items()
+    assert f"{torch.get_num_threads()} threads | fp32 | batch (64, 1, 8, 8)" in key and entry["channels_last"] is chosen
+    assert set(entry["samples_per_s"]) == {"channels_last", "contiguous"} and min(entry["samples_per_s"].values()) > 0
+    # a later run takes what is kept, without measuring: shown by a kept answer that says the opposite
+    kept.write_text(json.dumps({key: {**entry, "channels_last": not chosen}}))
+    assert channels_last_pays(model, DATA.train, 64, "fp32", torch.device("cpu")) is (not chosen)
+    channels_last_pays(model, DATA.train, 32, "fp32", torch.device("cpu"))  # another batch size: measured
+    assert len(json.loads(kept.read_text())) == 2
