@@ -30,9 +30,9 @@ def one_mode(argv: list[str]) -> None:
     """Refuse two of Hydra's modes in one command (`-m --cfg hydra`) in one line, saying what each does."""
     modes = list(dict.fromkeys(MODES[a.partition("=")[0]] for a in argv if a.partition("=")[0] in MODES))
     if len(modes) > 1:
-        exit_with(UserError(f"{' and '.join(modes)} cannot go together: --cfg and --info print what a command "
-                            f"would use and run nothing, -m sweeps; drop one. A sweep's search space and "
-                            f"sampler are under hydra.sweeper in `--cfg hydra`"))
+        exit_with(UserError(f"{' and '.join(modes)} cannot go together: each chooses what the command does (-m "
+                            f"sweeps; --cfg and --info print what it would use and run nothing); keep one. A "
+                            f"sweep's search space and sampler are under hydra.sweeper in `--cfg hydra`"))
 
 
 @hydra.main(config_path="conf", config_name="config")

@@ -34,10 +34,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from resnet_sweep import memory_format
 from resnet_sweep.config import DataConfig, DatasetName, TrainerConfig, to_typed
 from resnet_sweep.data import Data, DataUnavailable, Split, load_arrays
 from resnet_sweep.diagnostics import GradientNorms
-from resnet_sweep.memory_format import channels_last_pays
 from resnet_sweep.models import build_model, count_parameters
 from resnet_sweep.presets import compose
 from resnet_sweep.train import autocast, fit, resolve_device, seed_everything
@@ -191,10 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         run(args.warmup)
         results["(a) article loop: DataLoader + per-sample ToTensor"] = [
             steps * batch / _timed(lambda: run(steps), device) for _ in range(args.repeats)]
-    if trainer.channels_last is None:  # as a run would: the faster here (memory_format.py)
-        trainer.channels_last = channels_last_pays(reference, train, batch, trainer.precision.name, device)
-    if trainer.channels_last:
-        reference = reference.to(memory_format=torch.channels_last)
+    reference = memory_format.choose(reference, train, trainer, device)  # as a run would
     run = bare_loop(copy.deepcopy(reference), train, batch, device, trainer)
     run(args.warmup)
     results["(b) bare PyTorch loop, tensors in memory"] = [

@@ -22,7 +22,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import ListConfig, MISSING, DictConfig, OmegaConf, ValidationError
 
@@ -166,50 +166,81 @@ class OptimizerConfig:
     def of(cls, node: dict[str, Any]) -> OptimizerConfig:
         given = dict(node)
         target = given.pop("_target_", None)
+        _check("name" not in given, f"optimizer.name={given.get('name')}: an optimizer is named by its preset and "
+                                    f"class now (optimizer._target_); choose optimizer={given.get('name')} instead")
         _check(isinstance(target, str) and re.fullmatch(r"[A-Za-z_][\w.]*\.[A-Za-z_]\w*", target) is not None,
                f"optimizer._target_={target} must name an optimizer's class, e.g. torch.optim.SGD; or choose a "
                f"preset: optimizer=sgd, adam or adamw")
         takes = arguments(target, "optimizer._target_")
+        untaken = [key for key in given if key not in takes]
+        if untaken:
+            raise ConfigError(_not_taken(untaken, given[untaken[0]], target, list(takes)))
         for key, value in given.items():
-            if key not in takes:
-                close = difflib.get_close_matches(key, takes, n=1)
-                others = [p.stem for p in sorted((Path(__file__).parent / "conf" / "optimizer").glob("*.yaml"))
-                          if key in OmegaConf.load(p)]  # the presets that set it
-                raise ConfigError(f"optimizer.{key} is not a config key: optimizer._target_={target} takes no argument "
-                                  f"{key} (given {value}); " + (f"did you mean optimizer.{close[0]}? It" if close else "it")
-                                  + f" takes {', '.join(takes)}"
-                                  + (f". Or choose optimizer={' or '.join(others)}, which sets it" if others else ""))
-        lr = given.pop("lr", None)
-        _check(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
-               f"optimizer.lr={lr} must be > 0 (e.g. 0.1 for sgd, 1e-3 for adam)")
-        wd = given.get("weight_decay", 0)
-        _check(isinstance(wd, (int, float)) and wd >= 0, f"optimizer.weight_decay={wd} must be >= 0")
-        momentum = given.get("momentum", 0)
-        _check(isinstance(momentum, (int, float)) and 0 <= momentum < 1,
-               f"optimizer.momentum={momentum} must be in [0, 1)")
+            _check(_is(takes[key], value), f"optimizer.{key}={value} must be {_KINDS[takes[key]][1]}")
+        lr, wd, momentum = given.pop("lr", None), given.get("weight_decay", 0), given.get("momentum", 0)
+        _check(_is("number", lr) and lr > 0, f"optimizer.lr={lr} must be > 0 (e.g. 0.1 for sgd, 1e-3 for adam)")
+        _check(_is("number", wd) and wd >= 0, f"optimizer.weight_decay={wd} must be >= 0")
+        _check(_is("number", momentum) and 0 <= momentum < 1, f"optimizer.momentum={momentum} must be in [0, 1)")
         return cls(target, float(lr), given)
 
 
+# What an argument takes, told by its default: (is it, how a refusal says it)
+_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "list": (lambda v: isinstance(v, (list, tuple)), "a list, e.g. [0.9,0.999]"),
+    "any": (lambda v: True, "anything"),
+}
+
+
+def _is(kind: str, value: Any) -> bool:
+    return _KINDS[kind][0](value)
+
+
+def _kind(default: Any) -> str:
+    return next((k for k in ("bool", "number", "list") if default is not None and _is(k, default)), "any")
+
+
+def _not_taken(keys: list[str], value: Any, target: str, takes: list[str]) -> str:
+    """Why optimizer.`keys` are refused, with what works: a close name, dropping them, or the presets that
+    set the first."""
+    key, more = keys[0], "".join(f" nor {k}" for k in keys[1:])
+    close = difflib.get_close_matches(key, takes, n=1)
+    others = [f"optimizer={p.stem}" for p in sorted((Path(__file__).parent / "conf" / "optimizer").glob("*.yaml"))
+              if key in OmegaConf.load(p)]
+    return (f"optimizer.{key} is not a config key: optimizer._target_={target} takes no argument {key} (given "
+            f"{value}){more}; " + (f"did you mean optimizer.{close[0]}? It" if close else "it")
+            + f" takes {', '.join(takes)}. Drop {'them' if more else 'it'} ("
+            + " ".join(f"~optimizer.{k}" for k in keys) + ")"
+            + (f", or choose {' or '.join(others)}, which sets {key}" if others else ""))
+
+
 @functools.cache
-def arguments(target: str, key: str) -> list[str]:
-    """The keyword arguments of the class `target` names, but its first (an optimizer's params), by its
-    signature; ConfigError naming `key` where no class can be imported. A sweep's own process never imports
-    torch (it runs for days on a login node, and small): there a child process reads them, once per version
-    of the package the class is in (kept in the cache folder)."""
+def arguments(target: str, key: str) -> dict[str, str]:
+    """The keyword arguments of the class `target` names, but its first (an optimizer's params), each with
+    the kind of value it takes (_KINDS, told by its default); ConfigError naming `key` where no class can be
+    imported. A sweep's own process never imports torch (it runs for days on a login node, and small):
+    there a child process reads them, once per version of the package the class is in (kept in the cache
+    folder)."""
     if target.partition(".")[0] in sys.modules:
         return _arguments(target, key)
     try:
-        kept: Path | None = cache.folder() / f"arguments-{target}-{version(target.partition('.')[0])}.json"
+        kept: Path | None = cache.folder() / f"signature-{target}-{version(target.partition('.')[0])}.json"
     except Exception:  # noqa: BLE001 (not of an installed package, or no home folder: read it each time)
         kept = None
     with contextlib.suppress(Exception):  # not kept yet, or damaged: read it below
         return json.loads(kept.read_text())  # type: ignore[union-attr]
     child = subprocess.run([sys.executable, "-m", "resnet_sweep.config", target, key], capture_output=True, text=True)
-    if child.returncode != 0:
-        raise ConfigError((child.stderr.strip().splitlines() or [f"{key}={target} cannot be read"])[-1])
+    said = child.stderr.strip().splitlines() or [f"exit code {child.returncode}"]
+    if child.returncode == NO_CLASS:
+        raise ConfigError(said[-1])
+    if child.returncode != 0:  # not the config's fault: this Python, its packages
+        raise RuntimeError(f"reading the arguments of {target} in `{sys.executable} -m resnet_sweep.config` "
+                           f"failed: {said[-1]}")
+    found = child.stdout.strip().splitlines()[-1]  # the last line: whatever an import printed comes before
     if kept is not None:
-        cache.keep(kept, lambda out: out.write(child.stdout.encode()))
-    return json.loads(child.stdout)
+        cache.keep(kept, lambda out: out.write(found.encode()))
+    return json.loads(found)
 
 
 def named_class(target: str) -> Any:
@@ -218,13 +249,13 @@ def named_class(target: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def _arguments(target: str, key: str) -> list[str]:
+def _arguments(target: str, key: str) -> dict[str, str]:
     try:
         parameters = list(inspect.signature(named_class(target)).parameters.values())[1:]
     except Exception as exc:  # noqa: BLE001 (no such module or class, or not a callable: named in the error)
         raise ConfigError(f"{key}={target} names no class that can be imported ({type(exc).__name__}: {exc}); "
                           f"name one such as torch.optim.SGD") from None
-    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return {p.name: _kind(p.default) for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 @dataclass
@@ -481,8 +512,11 @@ def study_model(choice: str, overrides: Any, params: Any) -> str:
     return "+".join(sorted(k.removeprefix("model.") for k in keys))
 
 
+NO_CLASS = 3  # the child's exit code where the target names no class (a config error, not the environment's)
+
 if __name__ == "__main__":  # arguments() in a child process: python -m resnet_sweep.config TARGET KEY
     try:
         print(json.dumps(_arguments(sys.argv[1], sys.argv[2])))
     except ConfigError as exc:
-        sys.exit(str(exc))
+        print(exc, file=sys.stderr)
+        sys.exit(NO_CLASS)

@@ -25,12 +25,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from resnet_sweep import data as datasets
-from resnet_sweep import stores, tracking
+from resnet_sweep import memory_format, stores, tracking
 from resnet_sweep.config import Config, validate
 from resnet_sweep.data import Data, probe_batch
 from resnet_sweep.diagnostics import RATIO_KEY, GradientNorms
 from resnet_sweep.lesion import lesion_study
-from resnet_sweep.memory_format import channels_last_pays
 from resnet_sweep.models import build_model, count_parameters, flops_per_sample, removable_blocks
 from resnet_sweep.train import (NonFiniteLoss, Schedule, build_optimizer, build_schedule, fit, resolve_device,
                                  seed_everything, steps_per_epoch)
@@ -141,11 +140,7 @@ def build(conf: Config, seed: int) -> Built:
     device = resolve_device(conf.trainer.device)
     model = build_model(conf.model, conf.data.input_shape, conf.data.num_classes).to(device)
     data = datasets.load(conf.data, device)  # a missing dataset fails here, before any run is recorded
-    if conf.trainer.channels_last is None:  # the faster on this machine (memory_format.py)
-        conf.trainer.channels_last = channels_last_pays(model, data.train, conf.trainer.batch_size,
-                                                        conf.trainer.precision.name, device)
-    if conf.trainer.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = memory_format.choose(model, data.train, conf.trainer, device)
     optimizer = build_optimizer(model.parameters(), conf.optimizer)
     log.info("%s-%d (%s layout, %s, norm %s) on %s (%d train / %d val / %d test) on %s, %s parameters, seed %d",
              conf.model.family.name, conf.model.depth, conf.model.layout.name, conf.model.activation.name,

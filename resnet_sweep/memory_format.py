@@ -4,8 +4,8 @@ It differs by machine: channels_last trains 20-40 % faster on an AMD EPYC here a
 from 325 to 131 samples/s on an Intel Xeon (BENCHMARKS.md). So `trainer.channels_last=null` (the default)
 times both on the net's own first batch, once per machine, net, batch size, threads and precision, and keeps
 the answer in the cache folder: later runs (a sweep's other trials) take it without measuring, so one config
-trains alike on one machine (jobs that measure at the same moment may each keep their own answer). true or
-false chooses without measuring. Each run records its format as the param `memory_format`.
+trains alike on one machine. true or false chooses without measuring. Each run records its format as the
+param `memory_format`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from resnet_sweep import cache
+from resnet_sweep.config import TrainerConfig
 from resnet_sweep.data import Split, batches
 from resnet_sweep.train import autocast
 from resnet_sweep.workers import cpu_name
@@ -32,25 +33,42 @@ ROUNDS = 3  # timed steps per format, alternating, the fastest of each counted (
 MARGIN = 1.05  # channels_last must be this much faster to be chosen over PyTorch's default
 
 
+def choose(model: nn.Module, train: Split, trainer: TrainerConfig, device: torch.device) -> nn.Module:
+    """`model` in the memory format `trainer.channels_last` names; null: the faster here (channels_last_pays),
+    written into `trainer` for the run's record."""
+    if trainer.channels_last is None:
+        trainer.channels_last = channels_last_pays(model, train, trainer.batch_size, trainer.precision.name, device)
+    return model.to(memory_format=torch.channels_last) if trainer.channels_last else model
+
+
 def channels_last_pays(model: nn.Module, train: Split, batch_size: int, precision: str,
                        device: torch.device) -> bool:
-    """Whether channels_last trains `model` faster here: kept from an earlier run, else measured now."""
+    """Whether channels_last trains `model` faster here: kept from an earlier run, else measured now and kept,
+    one file per machine, net, batch, threads and precision; the first job to keep one is the one every
+    later job follows, those that measured at the same moment included."""
     x, y = next(batches(train, batch_size))
-    net = hashlib.sha1(repr(model).encode()).hexdigest()[:12]
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     key = (f"{machine} | torch {torch.__version__} | {torch.get_num_threads()} threads | {precision} | "
-           f"batch {tuple(x.shape)} | net {net}")
-    kept = cache.folder() / "memory_format.json"
-    if (known := _read(kept).get(key)) is not None:
-        return bool(known["channels_last"])
+           f"batch {tuple(x.shape)} | net {hashlib.sha1(repr(model).encode()).hexdigest()}")
+    try:
+        kept: Path | None = cache.folder() / "memory_format" / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
+    except RuntimeError:  # no home folder
+        kept = None
+    if (known := _read(kept)) is not None:
+        return known
     rates = {fmt: len(y) / seconds for fmt, seconds in _fastest_steps(model, x, y, precision, device).items()}
     pays = rates["channels_last"] >= MARGIN * rates["contiguous"]
-    log.info("memory format: %s (channels_last %.0f, contiguous %.0f samples/s measured here; kept in %s)",
-             "channels_last" if pays else "contiguous", rates["channels_last"], rates["contiguous"], kept)
-    # read again before writing: parallel jobs may have kept theirs since
-    everything = {**_read(kept), key: {"channels_last": pays, "samples_per_s": rates}}
-    cache.keep(kept, lambda out: out.write(json.dumps(everything, indent=1).encode()))
-    return pays
+    record = json.dumps({"key": key, "channels_last": pays, "samples_per_s": rates}, indent=1).encode()
+    if kept is not None:
+        cache.keep(kept, lambda out: out.write(record), first=True)
+    if (known := _read(kept)) is None:
+        log.warning("memory format: nothing could be kept in %s, so each run measures again and runs of one "
+                    "config may differ in it; set trainer.channels_last=true or false to fix it", kept)
+        known = pays
+    log.info("memory format: %s (channels_last %.0f, contiguous %.0f samples/s measured here%s)",
+             "channels_last" if known else "contiguous", rates["channels_last"], rates["contiguous"],
+             "" if known == pays else "; another job measured first, and its answer is kept")
+    return known
 
 
 def _fastest_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str,
@@ -79,8 +97,9 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _read(path: Any) -> dict[str, Any]:
+def _read(path: Path | None) -> bool | None:
+    """The kept answer, or None (none yet, damaged, or nowhere to keep one)."""
     try:
-        return json.loads(path.read_text())
-    except Exception:  # noqa: BLE001 (none yet, damaged, no home folder: measured again)
-        return {}
+        return bool(json.loads(path.read_text())["channels_last"])  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 (missing or damaged: measured again)
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ from omegaconf.errors import ValidationError
 
 from conftest import compose_config
 
-from resnet_sweep.config import ConfigError, OptimizerConfig, arguments, named_class, to_typed, validate
+from resnet_sweep.config import ConfigError, OptimizerConfig, named_class, to_typed, validate
 from resnet_sweep.models import build_model, weighted_layers
 from resnet_sweep.presets import CONF_DIR as CONF, register
 
@@ -120,17 +121,44 @@ def test_an_optimizer_preset_is_its_class_and_arguments_alone(name: str) -> None
 
 
 def test_an_optimizer_the_config_names_is_checked_without_torch_in_the_sweeping_process(tmp_path) -> None:  # noqa: ANN001
-    """A sweep's process reads an optimizer's arguments in a child process, kept in the cache folder."""
-    code = ("import sys; from resnet_sweep.config import arguments; "
-            "print(arguments('torch.optim.Adam', 'optimizer._target_')[:3], 'torch' in sys.modules)")
+    """A sweep's process reads an optimizer's arguments in a child process, once: they are kept in the cache
+    folder, and read from there after."""
+    code = ("import sys; from resnet_sweep.config import ConfigError, arguments\n"
+            "try: print(arguments(sys.argv[1], 'optimizer._target_'))\n"
+            "except ConfigError as exc: print('ConfigError:', exc)\n"
+            "print('torch' in sys.modules)")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
-    for _ in range(2):  # read, then kept
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-        assert out.stdout.split("] ")[1].strip() == "False" and "'lr', 'betas', 'eps'" in out.stdout
-    assert len(list(tmp_path.glob("resnet_sweep/arguments-torch.optim.Adam-*.json"))) == 1
+
+    def read(target: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code, target], capture_output=True, text=True, env=env,
+                              check=True).stdout.splitlines()
+
+    takes, imported = read("torch.optim.Adam")
+    assert imported == "False" and "'lr': 'number', 'betas': 'list', 'eps': 'number'" in takes
+    (kept,) = tmp_path.glob("resnet_sweep/signature-torch.optim.Adam-*.json")
+    kept.write_text(json.dumps({**json.loads(kept.read_text()), "kept_here": "bool"}))
+    assert "'kept_here': 'bool'" in read("torch.optim.Adam")[0]  # read from the cache folder, not measured again
+    refused, imported = read("torch.optim.Adamm")
+    assert refused.startswith("ConfigError: optimizer._target_=torch.optim.Adamm names no class") and imported == "False"
+
+
+@pytest.mark.parametrize("override,words", [
+    ("optimizer.nesterov=no", ["optimizer.nesterov=no", "true or false"]),  # a bool is a bool, not a string
+    ("optimizer.momentum=abc", ["optimizer.momentum=abc", "a number"]),
+    ("optimizer=adam optimizer.betas=0.9", ["optimizer.betas=0.9", "a list"]),
+    ("+optimizer.name=adam", ["optimizer.name=adam", "choose optimizer=adam"]),  # what presets said before _target_
+    ("optimizer._target_=torch.optim.Adam", ["optimizer.momentum", "(~optimizer.momentum ~optimizer.nesterov)"]),
+])
+def test_an_optimizer_argument_of_the_wrong_kind_or_name_is_refused_with_what_works(override: str,
+                                                                                   words: list[str]) -> None:
+    cfg = compose_config(*override.split())
     with pytest.raises(ConfigError) as err:
-        arguments("torch.optim.Adamm", "optimizer._target_")
-    assert "optimizer._target_=torch.optim.Adamm names no class" in str(err.value)
+        OptimizerConfig.of(OmegaConf.to_container(cfg.optimizer))
+    for w in words:
+        assert w in str(err.value), str(err.value)
+    if "~" in words[-1]:  # the advice works: Adam, without SGD's momentum and nesterov
+        cfg = compose_config(override, *words[-1].strip("()").split())
+        assert OptimizerConfig.of(OmegaConf.to_container(cfg.optimizer)).name == "adam"
 
 
 @pytest.mark.parametrize("objective,direction,ok", [("val_acc", "maximize", True), ("val_acc", "minimize", False),

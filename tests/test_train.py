@@ -166,12 +166,27 @@ def test_the_faster_memory_format_is_measured_once_per_machine_net_and_batch_and
     before = {k: v.clone() for k, v in model.state_dict().items()}
     chosen = channels_last_pays(model, DATA.train, 64, "fp32", torch.device("cpu"))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # timed on copies
-    kept = tmp_path / "resnet_sweep" / "memory_format.json"
-    (key, entry), = json.loads(kept.read_text()).items()
-    assert f"{torch.get_num_threads()} threads | fp32 | batch (64, 1, 8, 8)" in key and entry["channels_last"] is chosen
+    (kept,) = (tmp_path / "resnet_sweep" / "memory_format").glob("*.json")
+    entry = json.loads(kept.read_text())
+    assert f"{torch.get_num_threads()} threads | fp32 | batch (64, 1, 8, 8)" in entry["key"]
+    assert entry["channels_last"] is chosen
     assert set(entry["samples_per_s"]) == {"channels_last", "contiguous"} and min(entry["samples_per_s"].values()) > 0
     # a later run takes what is kept, without measuring: shown by a kept answer that says the opposite
-    kept.write_text(json.dumps({key: {**entry, "channels_last": not chosen}}))
+    kept.write_text(json.dumps({**entry, "channels_last": not chosen}))
     assert channels_last_pays(model, DATA.train, 64, "fp32", torch.device("cpu")) is (not chosen)
-    channels_last_pays(model, DATA.train, 32, "fp32", torch.device("cpu"))  # another batch size: measured
-    assert len(json.loads(kept.read_text())) == 2
+    channels_last_pays(model, DATA.train, 32, "fp32", torch.device("cpu"))  # another batch size: measured, kept
+    assert len(list(kept.parent.glob("*.json"))) == 2
+    from resnet_sweep import cache
+
+    cache.keep(kept, lambda out: out.write(b"{}"), first=True)  # a job that measured at the same moment keeps nothing
+    assert json.loads(kept.read_text())["channels_last"] is (not chosen)
+
+
+def test_where_no_memory_format_can_be_kept_the_run_measures_and_says_how_to_fix_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from resnet_sweep.memory_format import channels_last_pays
+
+    monkeypatch.setenv("XDG_CACHE_HOME", "/dev/null/cache")  # no folder can be made there
+    model = build_model(ModelConfig(depth=8), (1, 8, 8), 10)
+    assert channels_last_pays(model, DATA.train, 64, "fp32", torch.device("cpu")) in (True, False)
+    assert "nothing could be kept" in caplog.text and "trainer.channels_last=true or false" in caplog.text
