@@ -174,7 +174,7 @@ class OptimizerConfig:
         takes = arguments(target, "optimizer._target_")
         untaken = [key for key in given if key not in takes]
         if untaken:
-            raise ConfigError(_not_taken(untaken, given[untaken[0]], target, list(takes)))
+            raise ConfigError(_not_taken(untaken, given, target, list(takes)))
         for key, value in given.items():
             _check(_is(takes[key], value), f"optimizer.{key}={value} must be {_KINDS[takes[key]][1]}")
         lr, wd, momentum = given.pop("lr", None), given.get("weight_decay", 0), given.get("momentum", 0)
@@ -201,16 +201,17 @@ def _kind(default: Any) -> str:
     return next((k for k in ("bool", "number", "list") if default is not None and _is(k, default)), "any")
 
 
-def _not_taken(keys: list[str], value: Any, target: str, takes: list[str]) -> str:
-    """Why optimizer.`keys` are refused, with what works: a close name, dropping them, or the presets that
-    set the first."""
-    key, more = keys[0], "".join(f" nor {k}" for k in keys[1:])
-    close = difflib.get_close_matches(key, takes, n=1)
+def _not_taken(keys: list[str], given: dict[str, Any], target: str, takes: list[str]) -> str:
+    """Why optimizer.`keys` are refused, with what works: a close name (added with + where the config has
+    none), dropping them, or the presets that set the first."""
+    key, value, more = keys[0], given[keys[0]], "".join(f" nor {k}" for k in keys[1:])
+    close = [("" if k in given else "+") + f"optimizer.{k}" for k in difflib.get_close_matches(key, takes, n=1)]
     others = [f"optimizer={p.stem}" for p in sorted((Path(__file__).parent / "conf" / "optimizer").glob("*.yaml"))
               if key in OmegaConf.load(p)]
     return (f"optimizer.{key} is not a config key: optimizer._target_={target} takes no argument {key} (given "
-            f"{value}){more}; " + (f"did you mean optimizer.{close[0]}? It" if close else "it")
-            + f" takes {', '.join(takes)}. Drop {'them' if more else 'it'} ("
+            f"{value}){more}; " + (f"did you mean {close[0]}? It" if close else "it")
+            + f" takes {', '.join(takes)}. Drop {'them' if more else 'it'}: leave out the +optimizer.{key}=... that "
+            f"added {'them' if more else 'it'}, or where a preset sets {'them' if more else 'it'}, add ("
             + " ".join(f"~optimizer.{k}" for k in keys) + ")"
             + (f", or choose {' or '.join(others)}, which sets {key}" if others else ""))
 
@@ -253,8 +254,13 @@ def _arguments(target: str, key: str) -> dict[str, str]:
     try:
         parameters = list(inspect.signature(named_class(target)).parameters.values())[1:]
     except Exception as exc:  # noqa: BLE001 (no such module or class, or not a callable: named in the error)
+        module, _, name = target.rpartition(".")
+        advice = "name one such as torch.optim.SGD"
+        with contextlib.suppress(Exception):  # a module that imports: the name in it closest to the one given
+            close = difflib.get_close_matches(name, dir(importlib.import_module(module)))
+            advice = f"did you mean {module}.{close[0]}?"
         raise ConfigError(f"{key}={target} names no class that can be imported ({type(exc).__name__}: {exc}); "
-                          f"name one such as torch.optim.SGD") from None
+                          f"{advice}") from None
     return {p.name: _kind(p.default) for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 

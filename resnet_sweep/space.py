@@ -22,7 +22,8 @@ def parse(overrides: list[str]) -> tuple[dict[str, BaseDistribution], list[str]]
     """(the swept keys' distributions, the other overrides as every trial gets them), as the official
     Optuna sweeper makes them: a sweep given twice takes its last value in its first place (the command
     line overrides hydra.sweeper.params; the order is the order of suggestion), and a fixed value of a
-    key wins over a sweep of it. ConfigError for a sweep Optuna cannot take (a log interval from 0)."""
+    key wins over a sweep of it, added (+key) or not (a swept key=... before +key=... does not compose).
+    ConfigError for a sweep Optuna cannot take (a log interval from 0)."""
     space: dict[str, BaseDistribution] = {}
     fixed: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(overrides):
@@ -38,7 +39,8 @@ def parse(overrides: list[str]) -> tuple[dict[str, BaseDistribution], list[str]]
                       and value.start > value.end else "e.g. a log interval starts above 0: "
                       "'optimizer.lr=tag(log,interval(1e-4,1))'")
             raise ConfigError(f"{override.input_line} cannot be swept: {str(exc).rstrip('.')} ({advice})") from None
-    return {k: d for k, d in space.items() if k not in fixed}, list(fixed.values())
+    bare = {k.lstrip("+~") for k in fixed}
+    return {k: d for k, d in space.items() if k.lstrip("+~") not in bare}, list(fixed.values())
 
 
 def _distribution(override: Any) -> BaseDistribution:

@@ -275,3 +275,16 @@ def test_two_of_hydras_modes_in_one_command_is_one_line_whose_advice_works(tmp_p
                            capture_output=True, text=True, check=True)
     sweeper = OmegaConf.create(shown.stdout).hydra.sweeper  # the search space and sampler, as the advice says
     assert "optimizer.lr" in sweeper.params and "sampler" in sweeper
+
+
+def test_a_key_fixed_with_plus_on_the_command_line_wins_over_the_search_spaces_sweep_of_it() -> None:
+    """Hydra's advice where a preset lacks a key the default search sweeps (optimizer.weight_decay): add it
+    with +. The fixed value replaces the sweep of it, as a fixed key=value does; both together did not compose
+    (the swept key=... comes first), and every trial failed."""
+    from resnet_sweep import space
+
+    swept, fixed = space.parse(["optimizer.lr=tag(log,interval(0.01,0.5))",
+                                "optimizer.weight_decay=tag(log,interval(1e-5,1e-3))", "+optimizer.weight_decay=1e-05"])
+    assert list(swept) == ["optimizer.lr"] and fixed == ["+optimizer.weight_decay=1e-05"]
+    overrides = [f"{k}=0.1" for k in swept] + fixed  # as the sweeper orders a trial's overrides
+    assert compose_config("optimizer=adam", "~optimizer.weight_decay", *overrides).optimizer.weight_decay == 1e-05
