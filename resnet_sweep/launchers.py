@@ -19,6 +19,9 @@ PRIVATE = {
     "hydra_plugins.hydra_joblib_launcher._core.process_joblib_cfg": "check",
     # loky's pool, reused across launches: terminated at once when a sweep ends or is interrupted
     "joblib.externals.loky.reusable_executor._executor": "stop",
+    # what a job in flight meets when joblib shuts the shared pool down because another job raised outside
+    # its task (joblib aborts every job of the pool; loky exports no name for it)
+    "joblib.externals.loky.process_executor.ShutdownExecutorError": "pool_shut_down",
 }
 
 
@@ -118,6 +121,16 @@ def worker_died(exc: BaseException | None) -> bool:
     """A joblib worker process died (killed by the kernel, or by the sweep): loky raises this for every job
     of its pool, which it restarts."""
     return isinstance(exc, BrokenProcessPool)
+
+
+def pool_shut_down(exc: BaseException) -> bool:
+    """A job in flight stopped because joblib shut the pool down (see PRIVATE): through no fault of its own."""
+    from joblib.externals.loky.process_executor import ShutdownExecutorError  # see PRIVATE
+
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, ShutdownExecutorError):
+        seen = seen.__cause__ or seen.__context__
+    return seen is not None
 
 
 def job_lost(exc: BaseException) -> str | None:

@@ -456,14 +456,17 @@ class ResnetOptunaSweeper(Sweeper):
 
     def _job_raised(self, number: int, exc: BaseException) -> None:
         """The launcher raised for a trial's job (outside the task, or the job never ran): a cluster job
-        lost (interrupted) or failed; a job stopped from outside (interrupted); a fault of the environment
-        (interrupted, and the sweep stops); a config that does not compose (the trial fails alone).
-        Anything else is the launcher's, and stops the sweep."""
+        lost (interrupted) or failed; a job stopped from outside, or with its pool (interrupted); a fault of
+        the environment (interrupted, and the sweep stops); a config that does not compose (the trial fails
+        alone). Anything else is the launcher's, and stops the sweep."""
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:1000]}"
         if launchers.job_lost(exc) == "interrupted":
             self._interrupt(number, f"interrupted: its job ended without a result ({error})")
         elif isinstance(exc, (Terminated, KeyboardInterrupt)):
             self._interrupt(number, f"interrupted: its job was stopped ({error})")
+        elif launchers.pool_shut_down(exc):  # another trial's job raised outside its task (it fails alone)
+            self._interrupt(number, "interrupted: joblib stopped the worker pool, and its job with it, because "
+                                    "another trial's job raised outside its task")
         elif launchers.job_lost(exc) == "failed" or isinstance(exc, (HydraException, OmegaConfBaseException, UserError)):
             reason = f"its job failed ({error})" if launchers.job_lost(exc) else f"its config does not compose: {error}"
             if self.records.end(number, TrialState.FAIL, reason=reason):

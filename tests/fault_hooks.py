@@ -55,3 +55,37 @@ class StopHoldingTheStudyLock(Callback):
             os.kill(os.getpid(), signal.SIGSTOP)
 
         train.evaluate = evaluate
+
+
+class ComposeFailsForTrial(Callback):
+    """Trial `trial`'s config does not compose in a worker (Hydra's joblib launcher composes a job's config
+    there, outside the task, and joblib answers a job that raises there by shutting down the whole pool);
+    the job of trial `slow` waits `wait` s before its task, so it is in flight then. The sweeping process
+    composes as usual, so the check before the study passes."""
+
+    def __init__(self, trial: int, slow: int, wait: float) -> None:
+        self.trial, self.slow, self.wait = trial, slow, wait
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in the worker with each job, before Hydra composes the job's config there."""
+        self.__dict__.update(state)
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra.errors import ConfigCompositionException
+
+        original, trial = ConfigLoaderImpl.load_sweep_config, self.trial
+        if getattr(original, "injected", False):
+            return
+
+        def load_sweep_config(loader: Any, master_config: Any, sweep_overrides: list[str]) -> Any:
+            if f"sweep.trial={trial}" in sweep_overrides:
+                raise ConfigCompositionException(f"injected: trial {trial}'s config does not compose")
+            return original(loader, master_config, sweep_overrides)
+
+        load_sweep_config.injected = True  # type: ignore[attr-defined]
+        ConfigLoaderImpl.load_sweep_config = load_sweep_config  # type: ignore[method-assign]
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        if config.sweep.trial == self.slow:
+            import time
+
+            time.sleep(self.wait)

@@ -154,6 +154,26 @@ def test_a_job_killed_by_the_kernel_fails_its_trial_and_the_sweep_goes_on(workdi
     assert runs[by_seed[1].user_attrs["mlflow_run_id"]].info.status == "FAILED"
 
 
+def test_a_trial_whose_config_does_not_compose_in_its_worker_fails_alone_and_the_job_beside_it_runs_again(
+        workdir: Path) -> None:
+    # the fault hook (tests/fault_hooks.py): trial 2's config does not compose in its worker (the check before
+    # the study passed), while trial 1's job waits in flight; joblib then shuts the pool down, and trial 1's job
+    command = ("-m", "trainer.epochs=2", "data.train_subset=128", "search=none", "seed=choice(0,1,2,3)",
+               "hydra.sweeper.n_trials=3", "+hydra.callbacks.fault._target_=fault_hooks.ComposeFailsForTrial",
+               "+hydra.callbacks.fault.trial=2", "+hydra.callbacks.fault.slow=1", "+hydra.callbacks.fault.wait=8")
+    res = subprocess.run([sys.executable, "-m", "resnet_sweep", *command], cwd=workdir, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **FAULT_HOOKS})
+    assert res.returncode == 0 and "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
+    trials = {t.number: t for t in study(workdir).trials}
+    seen = [(n, t.state.name, t.user_attrs.get("fail_reason")) for n, t in trials.items()]
+    assert trials[2].state.name == "FAIL" and "injected" in trials[2].user_attrs["fail_reason"], seen
+    assert trials[1].user_attrs.get("interrupted") and "stopped the worker pool" in trials[1].user_attrs["fail_reason"]
+    (retry,) = [t for t in trials.values() if 1 in t.system_attrs.get("retry_history", [])]
+    assert retry.state.name == "COMPLETE" and retry.params == trials[1].params, seen
+    assert len(counted(trials.values())) == 3 and trials[0].state.name == "COMPLETE", seen
+    assert "RUNNING" not in {r.info.status for r in job_runs(workdir)}
+
+
 def test_the_same_overrides_in_another_order_resume_the_same_study(workdir: Path) -> None:
     first = run_cli(workdir, "-m", "workers=serial", "trainer.epochs=1", "data.train_subset=128",
                     "hydra.sweeper.n_trials=1")
