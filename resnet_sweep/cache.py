@@ -3,20 +3,23 @@ same every time (the digits split, the arguments of the classes a config names),
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, IO
+from typing import Any, Callable, IO
 
 
 def folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "resnet_sweep"
 
 
-def keep(path: Path, write: Callable[[IO[bytes]], None], first: bool = False) -> None:
+def keep(path: Path | None, write: Callable[[IO[bytes]], None], first: bool = False) -> None:
     """Write `path` whole or not at all (parallel jobs may write it at once); with `first`, only where no
-    file is there yet (the first writer's stays). Where nothing can be written (a read-only or missing home
-    folder), nothing is kept."""
+    file is there yet (the first writer's stays). Where nothing can be written (no path, a read-only or
+    missing home folder), nothing is kept."""
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, part = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -31,3 +34,11 @@ def keep(path: Path, write: Callable[[IO[bytes]], None], first: bool = False) ->
             Path(part).unlink(missing_ok=True)
     except Exception:  # noqa: BLE001 (a read-only or missing home folder: nothing is kept)
         pass
+
+
+def read_json(path: Path | None) -> Any:
+    """What a kept JSON file holds; None where there is none yet, it is damaged, or there is no path."""
+    try:
+        return json.loads(path.read_text())  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 (missing or damaged: made again by the caller)
+        return None

@@ -229,8 +229,8 @@ def arguments(target: str, key: str) -> dict[str, str]:
         kept: Path | None = cache.folder() / f"signature-{target}-{version(target.partition('.')[0])}.json"
     except Exception:  # noqa: BLE001 (not of an installed package, or no home folder: read it each time)
         kept = None
-    with contextlib.suppress(Exception):  # not kept yet, or damaged: read it below
-        return json.loads(kept.read_text())  # type: ignore[union-attr]
+    if (known := cache.read_json(kept)) is not None:
+        return known
     child = subprocess.run([sys.executable, "-m", "resnet_sweep.config", target, key], capture_output=True, text=True)
     said = child.stderr.strip().splitlines() or [f"exit code {child.returncode}"]
     if child.returncode == NO_CLASS:
@@ -239,8 +239,7 @@ def arguments(target: str, key: str) -> dict[str, str]:
         raise RuntimeError(f"reading the arguments of {target} in `{sys.executable} -m resnet_sweep.config` "
                            f"failed: {said[-1]}")
     found = child.stdout.strip().splitlines()[-1]  # the last line: whatever an import printed comes before
-    if kept is not None:
-        cache.keep(kept, lambda out: out.write(found.encode()))
+    cache.keep(kept, lambda out: out.write(found.encode()))
     return json.loads(found)
 
 

@@ -66,8 +66,7 @@ def _digits() -> tuple[np.ndarray, ...]:
     except Exception:  # noqa: BLE001 (missing, empty, damaged, no home folder: made again below)
         pass
     arrays = _split_digits()
-    if kept is not None:
-        cache.keep(kept, lambda out: np.savez(out, **dict(zip(names, arrays))))
+    cache.keep(kept, lambda out: np.savez(out, **dict(zip(names, arrays))))
     return arrays
 
 

@@ -59,8 +59,7 @@ def channels_last_pays(model: nn.Module, train: Split, batch_size: int, precisio
     rates = {fmt: len(y) / seconds for fmt, seconds in _fastest_steps(model, x, y, precision, device).items()}
     pays = rates["channels_last"] >= MARGIN * rates["contiguous"]
     record = json.dumps({"key": key, "channels_last": pays, "samples_per_s": rates}, indent=1).encode()
-    if kept is not None:
-        cache.keep(kept, lambda out: out.write(record), first=True)
+    cache.keep(kept, lambda out: out.write(record), first=True)
     if (known := _read(kept)) is None:
         log.warning("memory format: nothing could be kept in %s, so each run measures again and runs of one "
                     "config may differ in it; set trainer.channels_last=true or false to fix it", kept)
@@ -99,7 +98,5 @@ def _sync(device: torch.device) -> None:
 
 def _read(path: Path | None) -> bool | None:
     """The kept answer, or None (none yet, damaged, or nowhere to keep one)."""
-    try:
-        return bool(json.loads(path.read_text())["channels_last"])  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 (missing or damaged: measured again)
-        return None
+    found = cache.read_json(path)
+    return bool(found["channels_last"]) if isinstance(found, dict) and "channels_last" in found else None
