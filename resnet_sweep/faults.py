@@ -2,7 +2,7 @@
 damaged or unreachable, no file descriptors left. Such a fault interrupts a trial (it is retried, never
 counted) and stops a sweep with one paragraph that names the resource; a trial's own fault fails it.
 
-Standard library only: the sweeping process and the jobs both classify what they catch. The libraries
+Standard library and stores.py only: the sweeping process and the jobs both classify what they catch. The libraries
 wrap the cause (Optuna's StorageInternalError around SQLAlchemy's OperationalError around sqlite3's;
 MLflow's MlflowException around requests' ConnectionError), so the whole chain of causes is read, by
 errno where there is one and by the messages SQLite, libpq and urllib3 give where there is not.
@@ -10,14 +10,17 @@ errno where there is one and by the messages SQLite, libpq and urllib3 give wher
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-from resnet_sweep.errors import UserError
+from resnet_sweep import stores
+from resnet_sweep.errors import UserError, exit_with
 
 EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: the environment failed; the same command, run later, goes on
 
@@ -131,3 +134,37 @@ def paragraph(fault: Fault, stores: dict[str, str], then: str) -> str:
         where = ", ".join(f"{key}={value}" for key, value in stores.items())
     advice = ADVICE[fault.kind]
     return f"{fault.kind}: {where} ({fault.detail}). {advice[0].upper()}{advice[1:]}, then {then}"
+
+
+def stop_sweep(exc: BaseException, storage: str, tracking: Any, sweep_dir: str, study_name: str | None,
+               end_parent: Callable[[str, str], Any] | None) -> None:
+    """If `exc` is a fault of the environment: end the sweep's parent run KILLED (end_parent) where its
+    store answers, print one paragraph naming the resource and the fix, exit EXIT_CODE (a damaged store:
+    its check's message, exit 2). Else return."""
+    fault, t = classify(exc), tracking
+    if fault is None:
+        return
+    if fault.kind == "damaged store":  # name the file, as the check before a sweep does
+        try:
+            stores.check_store(storage, "hydra.sweeper.storage")
+            if t.enabled:
+                stores.check_store(t.uri, "tracking.uri")
+        except UserError as damaged:
+            exit_with(damaged)
+    if end_parent is not None and stores.answers(t.uri):
+        end_parent("KILLED", f"interrupted: {fault}")
+    where = {}
+    if fault.store != "tracking":
+        where["hydra.sweeper.storage"] = storage
+    if t.enabled and fault.store != "study":
+        where["tracking.uri"] = t.uri
+    if fault.kind in ("disk full", "input/output error"):
+        where = {k: str(stores.sqlite_file(v) or v) for k, v in where.items()} | {
+            "hydra.sweep.dir": sweep_dir, "artifacts": str(t.artifact_location)}
+    then = (f"run the same command again: study '{study_name}' goes on where it stopped (its trials in flight "
+            f"were interrupted: they are run again, not counted)" if study_name else "run the same command again")
+    if fault.kind == "store locked" and (holders := stores.stuck_commands(list(where.values()))):
+        fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by {stores.named(holders)}")  # for good
+    where = {k: stores.safe_url(v) for k, v in where.items()}
+    print(f"Error: sweep stopped by a fault of the environment, {paragraph(fault, where, then)}", file=sys.stderr)
+    raise SystemExit(2 if fault.kind == "damaged store" else EXIT_CODE)

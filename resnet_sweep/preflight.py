@@ -1,5 +1,5 @@
-"""Which values of a search space can train, found before the study is touched: every value a sweep can
-give (space.candidates) must make a config that a trial can train, in some combination with the other
+"""What a sweep's command gets wrong, found before the study is touched: the sweeper's settings, the stores,
+and which values of the search space can train: every value a sweep can give (space.candidates) must make a config that a trial can train, in some combination with the other
 dimensions' values. A value that never can is refused in one line naming the key, the value and why; a
 combination that still fails at run time fails its own trial only. Knows nothing of Optuna: it composes
 configs through the function it is handed (Hydra's, in the sweeper) and validates them (config.py).
@@ -15,9 +15,56 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from resnet_sweep.config import ConfigError, validate
+from resnet_sweep import stores
+from resnet_sweep.config import ConfigError, listed, quoted, validate
 
 MAX_COMBINATIONS = 256  # combinations checked at most (a seeded sample of larger products)
+MAX_STUDY_NAME = 512  # Optuna's column for study names (MAX_INDEXED_STRING_LENGTH)
+
+
+def settings(s: Any, unknown: list[str], takes: list[str], config: DictConfig, pruning: str | None,
+             launcher_problem: str | None) -> tuple[DictConfig, Any]:
+    """Raise ConfigError for what a sweep's command gets wrong before anything is created: the sweeper's
+    settings `s` (`unknown`: those it does not take; `takes`: those it does), the config as the jobs will
+    see it, a pruner (its name, None for none) with several objectives, the stores, the launcher's
+    settings (`launcher_problem`: launchers.check). Returns (the jobs' config, validated)."""
+    if unknown:
+        raise ConfigError(f"hydra.sweeper.{unknown[0]} is not a setting of the sweeper; it takes {', '.join(takes)}")
+    if s.n_trials < 1:  # an int: the schema says so
+        raise ConfigError(f"hydra.sweeper.n_trials={s.n_trials}: give the number of trials the study "
+                          f"should hold when the sweep ends, >= 1")
+    if s.n_jobs is not None and s.n_jobs < 1:
+        raise ConfigError(f"hydra.sweeper.n_jobs={s.n_jobs}: trials at once, >= 1 (or null: as many as the "
+                          f"launcher runs)")
+    for key in ("timeout", "trial_timeout", "stall_timeout"):
+        if (value := getattr(s, key)) is not None and not value > 0:
+            raise ConfigError(f"hydra.sweeper.{key}={value}: give a number of seconds > 0, or null for none")
+    if not stores.is_database(str(s.storage)):
+        raise ConfigError(f"hydra.sweeper.storage={s.storage}: give a database URL (sqlite:///FILE, "
+                          f"postgresql://...): trials beat for each other there, across processes")
+    job_config = config.copy()
+    with open_dict(job_config):
+        del job_config["hydra"]
+    conf = validate(job_config, sweep_direction=s.direction)
+    if len(conf.objective) > 1 and pruning is not None:
+        raise ConfigError(f"pruner={pruning}: Optuna prunes only single-objective studies, and "
+                          f"objective={listed(conf.objective)} has {len(conf.objective)}; add pruner=none")
+    if test := next((name for name in conf.objective if name.startswith("test_")), None):
+        instead = quoted("objective", [n.replace("test_", "val_") for n in conf.objective])
+        raise ConfigError(f"objective={test}: a sweep must not choose hyperparameters on the test "
+                          f"set, or the test accuracy of its best trial is no longer an unbiased estimate. Sweep "
+                          f"on {instead}" + (" (or val_loss with hydra.sweeper.direction=minimize)" if len(
+                              conf.objective) == 1 else "") + "; every run still records test_acc and test_loss")
+    if len(str(s.study_name)) > MAX_STUDY_NAME:
+        raise ConfigError(f"hydra.sweeper.study_name is {len(str(s.study_name))} characters long; Optuna "
+                          f"keeps at most {MAX_STUDY_NAME}: choose a shorter one (or a shorter "
+                          f"tracking.experiment, which the default study name starts with)")
+    stores.check_store(str(s.storage), "hydra.sweeper.storage")
+    if conf.tracking.enabled:
+        stores.check_store(conf.tracking.uri, "tracking.uri")
+    if launcher_problem is not None:
+        raise ConfigError(launcher_problem)
+    return job_config, conf
 
 
 def check(candidates: dict[str, list[tuple[Any, str]]], fixed: list[str],

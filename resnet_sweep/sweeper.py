@@ -12,13 +12,11 @@ space is checked first (preflight.py); every sweep ends (stalls, time limits: do
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import queue
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -36,20 +34,19 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from optuna.trial import TrialState
 
 from resnet_sweep import faults, launchers, preflight, stores, trials, workers
 from resnet_sweep import space as spaces
-from resnet_sweep.config import ConfigError, listed, quoted, validate
+from resnet_sweep.config import ConfigError
 from resnet_sweep.errors import UserError, described, exit_with
 from resnet_sweep.trials import counted
 from resnet_sweep.workers import SWEEPER_PID_ENV, Terminated, install_sigterm_handler, uninterrupted
 
 log = logging.getLogger(__name__)
 SAMPLERS = ("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*")
-MAX_STUDY_NAME = 512  # Optuna's column for study names (MAX_INDEXED_STRING_LENGTH)
 # Trials launched beyond the n_jobs that train, waiting in joblib's worker pool: a worker that ends a trial
 # starts the next within ~0.03 s instead of waiting ~0.1 s for this process to settle, ask and dispatch.
 QUEUED_AHEAD = 1
@@ -71,16 +68,16 @@ class ResnetOptunaSweeperConf(OptunaSweeperConf):
     allow_space_change: bool = False  # resume a study whose search space differs, on purpose
 
 
+SETTINGS = [f.name for f in fields(ResnetOptunaSweeperConf) if not f.name.startswith("_")]
 ConfigStore.instance().store(group="hydra/sweeper", name="resnet_optuna", node=ResnetOptunaSweeperConf,
                              provider="resnet_sweep")
 
 
 class ResnetOptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
-        names = {f.name for f in fields(ResnetOptunaSweeperConf) if not f.name.startswith("_")}
+        names = set(SETTINGS)
         self.unknown = sorted(set(settings) - names)  # refused in _check: one line, not a TypeError
         self.s = SimpleNamespace(**{name: settings.get(name) for name in names})  # Hydra passes every setting
-        self.limits = {k: getattr(self.s, k) for k in ("timeout", "trial_timeout", "stall_timeout")}
         self.pruner = trials.make_pruner(self.s.pruner)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -146,7 +143,8 @@ class ResnetOptunaSweeper(Sweeper):
             raise SystemExit(130 if isinstance(exc, KeyboardInterrupt) else 143) from None  # 128 + SIGINT/SIGTERM
         except BaseException as exc:
             launchers.stop(self.launcher)  # workers that started would keep this process ~6 s importing
-            self._environment_stop(exc, name)
+            faults.stop_sweep(exc, str(self.s.storage), self.config.tracking, str(self.config.hydra.sweep.dir), name,
+                              self.parent.end if self.parent is not None else None)
             if self.parent is not None:
                 self.parent.end("FAILED", described(exc))
             raise
@@ -200,45 +198,11 @@ class ResnetOptunaSweeper(Sweeper):
     def _check(self, space: dict[str, Any], fixed: list[str]) -> None:
         """What the command gets wrong, found before anything is created: the sweeper's and the launcher's
         settings, the config as the jobs will see it, every value of the search space, the stores."""
-        if self.unknown:
-            raise ConfigError(f"hydra.sweeper.{self.unknown[0]} is not a setting of the sweeper; it takes "
-                              f"{', '.join(f.name for f in fields(ResnetOptunaSweeperConf) if f.name[0] != '_')}")
-        if self.s.n_trials < 1:  # an int: the schema says so
-            raise ConfigError(f"hydra.sweeper.n_trials={self.s.n_trials}: give the number of trials the study "
-                              f"should hold when the sweep ends, >= 1")
-        if self.s.n_jobs is not None and self.s.n_jobs < 1:
-            raise ConfigError(f"hydra.sweeper.n_jobs={self.s.n_jobs}: trials at once, >= 1 (or null: as many as the "
-                              f"launcher runs)")
-        for key, value in self.limits.items():
-            if value is not None and not value > 0:
-                raise ConfigError(f"hydra.sweeper.{key}={value}: give a number of seconds > 0, or null for none")
-        if not stores.is_database(str(self.s.storage)):
-            raise ConfigError(f"hydra.sweeper.storage={self.s.storage}: give a database URL (sqlite:///FILE, "
-                              f"postgresql://...): trials beat for each other there, across processes")
-        job_config = self.config.copy()
-        with open_dict(job_config):
-            del job_config["hydra"]
-        conf = validate(job_config, sweep_direction=self.s.direction)
+        pruning = None if isinstance(self.pruner, optuna.pruners.NopPruner) else self.config.hydra.runtime.choices.get(
+            "pruner", type(self.pruner).__name__)
+        job_config, conf = preflight.settings(self.s, self.unknown, SETTINGS, self.config, pruning,
+                                              launchers.check(self.launcher))
         self.objectives = conf.objective  # their names, a list (validate), for the progress lines and the front
-        if len(conf.objective) > 1 and not isinstance(self.pruner, optuna.pruners.NopPruner):
-            raise ConfigError(f"pruner={self.config.hydra.runtime.choices.get('pruner', type(self.pruner).__name__)}: "
-                              f"Optuna prunes only single-objective studies, and objective={listed(conf.objective)} "
-                              f"has {len(conf.objective)}; add pruner=none")
-        if test := next((name for name in conf.objective if name.startswith("test_")), None):
-            instead = quoted("objective", [n.replace("test_", "val_") for n in conf.objective])
-            raise ConfigError(f"objective={test}: a sweep must not choose hyperparameters on the test "
-                              f"set, or the test accuracy of its best trial is no longer an unbiased estimate. Sweep "
-                              f"on {instead}" + (" (or val_loss with hydra.sweeper.direction=minimize)" if len(
-                                  conf.objective) == 1 else "") + "; every run still records test_acc and test_loss")
-        if len(str(self.s.study_name)) > MAX_STUDY_NAME:
-            raise ConfigError(f"hydra.sweeper.study_name is {len(str(self.s.study_name))} characters long; Optuna "
-                              f"keeps at most {MAX_STUDY_NAME}: choose a shorter one (or a shorter "
-                              f"tracking.experiment, which the default study name starts with)")
-        stores.check_store(str(self.s.storage), "hydra.sweeper.storage")
-        if conf.tracking.enabled:
-            stores.check_store(conf.tracking.uri, "tracking.uri")
-        if (wrong := launchers.check(self.launcher)) is not None:
-            raise ConfigError(wrong)
         for distribution in space.values() if self._grid() else ():
             spaces.grid(distribution)  # ConfigError for an interval
         for name, distribution in space.items():  # an interval over an int key: its floats can never train
@@ -299,7 +263,7 @@ class ResnetOptunaSweeper(Sweeper):
                         self._settle_stale(study)
                         self.records.queue_retries()
                         all_trials = study.get_trials(deepcopy=False)
-                        done, timeout = counted(all_trials), self.limits["timeout"]
+                        done, timeout = counted(all_trials), self.s.timeout
                         self._timed_out = bool(timeout) and time.monotonic() - self._started >= timeout
                         if (len(done) >= n_trials or self._timed_out) and not self._in_flight:
                             return
@@ -607,7 +571,7 @@ class ResnetOptunaSweeper(Sweeper):
         complete = any(t.state == TrialState.COMPLETE for t in done)
         if self._timed_out and len(done) < n_trials:
             log.warning("hydra.sweeper.timeout=%g s has passed: no trial started after it; %d of %d trials done. Run "
-                        "the same command again to go on with study '%s'.", self.limits["timeout"], len(done),
+                        "the same command again to go on with study '%s'.", self.s.timeout, len(done),
                         n_trials, study.study_name)
             if not complete:
                 self.parent.finish(None)
@@ -647,39 +611,6 @@ class ResnetOptunaSweeper(Sweeper):
         elif self.config.get("claims"):
             log.warning("tracking.enabled=false: the claims are not checked (the report reads them from MLflow)")
         self.parent.end("FINISHED")
-
-    def _environment_stop(self, exc: BaseException, study_name: str | None) -> None:
-        """If `exc` is a fault of the environment (faults.py): end the parent run KILLED where the store lets
-        it, print one paragraph naming the resource and the fix, exit 75 (a damaged store: its check's
-        message, exit 2)."""
-        fault, t = faults.classify(exc), self.config.tracking
-        if fault is None:
-            return
-        if fault.kind == "damaged store":  # name the file, as the check before a sweep does
-            try:
-                stores.check_store(str(self.s.storage), "hydra.sweeper.storage")
-                if t.enabled:
-                    stores.check_store(t.uri, "tracking.uri")
-            except UserError as damaged:
-                exit_with(damaged)
-        if self.parent is not None and stores.answers(t.uri):
-            self.parent.end("KILLED", f"interrupted: {fault}")
-        where = {}
-        if fault.store != "tracking":
-            where["hydra.sweeper.storage"] = str(self.s.storage)
-        if t.enabled and fault.store != "study":
-            where["tracking.uri"] = t.uri
-        if fault.kind in ("disk full", "input/output error"):
-            where = {k: str(stores.sqlite_file(v) or v) for k, v in where.items()} | {
-                "hydra.sweep.dir": str(self.config.hydra.sweep.dir), "artifacts": str(t.artifact_location)}
-        then = (f"run the same command again: study '{study_name}' goes on where it stopped (its trials in flight "
-                f"were interrupted: they are run again, not counted)" if study_name else "run the same command again")
-        if fault.kind == "store locked" and (holders := stores.stuck_commands(list(where.values()))):
-            fault = dataclasses.replace(fault, detail=f"{fault.detail}; held by {stores.named(holders)}")  # for good
-        where = {k: stores.safe_url(v) for k, v in where.items()}
-        print(f"Error: sweep stopped by a fault of the environment, {faults.paragraph(fault, where, then)}",
-              file=sys.stderr)
-        raise SystemExit(2 if fault.kind == "damaged store" else faults.EXIT_CODE)
 
 
 def _duration(seconds: float) -> str:
