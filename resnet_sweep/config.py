@@ -213,7 +213,8 @@ def _not_taken(keys: list[str], given: dict[str, Any], target: str, takes: list[
             + f" takes {', '.join(takes)}. Drop {'them' if more else 'it'}: leave out the +optimizer.{key}=... that "
             f"added {'them' if more else 'it'}, or where a preset sets {'them' if more else 'it'}, add ("
             + " ".join(f"~optimizer.{k}" for k in keys) + ")"
-            + (f", or choose {' or '.join(others)}, which sets {key}" if others else ""))
+            + (f", or choose {' or '.join(others)}, which sets {key} (then set it without the +: "
+               f"optimizer.{key}=...)" if others else ""))
 
 
 @functools.cache

@@ -553,10 +553,14 @@ class ResnetOptunaSweeper(Sweeper):
 
     def _fail(self, study: optuna.Study, why: str) -> None:
         """End the sweep with a one-paragraph summary and exit code 1."""
-        reasons = sorted({str(t.user_attrs.get("fail_reason", "?")) for t in counted(study.trials)
-                          if t.state == TrialState.FAIL})
+        failed = [t for t in counted(study.trials) if t.state == TrialState.FAIL]
+        reasons = sorted({str(t.user_attrs.get("fail_reason", "?")) for t in failed})
+        recorded = sum(bool(t.user_attrs.get("mlflow_run_id")) for t in failed)  # one that never composed: no run
+        where = ("Each trial's MLflow run holds its failure_reason tag. " if failed and recorded == len(failed) else
+                 f"The MLflow runs of the {recorded} failed trials that started one hold their failure_reason tag. "
+                 if recorded else "")
         summary = (f"Sweep failed: {why} (study '{study.study_name}'). Reasons: {'; '.join(reasons)[:2000]}. "
-                   f"Each trial's MLflow run holds its failure_reason tag. Rerunning the same command adds "
+                   f"{where}Rerunning the same command adds "
                    f"no trials to this study: once the cause is fixed, start a new study, e.g. by adding "
                    f"hydra.sweeper.study_name={study.study_name}-2 to the command.")
         self.parent.finish(None, failed=summary)
