@@ -93,8 +93,7 @@ class ResnetOptunaSweeper(Sweeper):
         self.parent = None
         try:  # before any study, run or trial exists
             space, fixed = self._space(arguments)
-            self._check(space, fixed)
-            self.n_trials = self._n_trials(space)
+            self.n_trials = self._check(space, fixed)
         except UserError as exc:
             exit_with(exc)
         if self.kind == launchers.WORKERS:
@@ -195,9 +194,10 @@ class ResnetOptunaSweeper(Sweeper):
         """Trials in flight at most: n_jobs training, and with worker processes QUEUED_AHEAD waiting."""
         return self.n_jobs + (QUEUED_AHEAD if self.kind == launchers.WORKERS else 0)
 
-    def _check(self, space: dict[str, Any], fixed: list[str]) -> None:
+    def _check(self, space: dict[str, Any], fixed: list[str]) -> int:
         """What the command gets wrong, found before anything is created: the sweeper's and the launcher's
-        settings, the config as the jobs will see it, every value of the search space, the stores."""
+        settings, the config as the jobs will see it, every value of the search space, the stores. Returns
+        the number of trials the study should hold (_n_trials)."""
         pruning = None if isinstance(self.pruner, optuna.pruners.NopPruner) else self.config.hydra.runtime.choices.get(
             "pruner", type(self.pruner).__name__)
         job_config, conf = preflight.settings(self.s, self.unknown, SETTINGS, self.config, pruning,
@@ -210,6 +210,7 @@ class ResnetOptunaSweeper(Sweeper):
                 preflight.whole_numbers(name, self._written.get(name, repr(distribution)), distribution.low, job_config)
         preflight.check({n: spaces.candidates(n, d, self._written.get(n, repr(d))) for n, d in space.items()}, fixed,
                         lambda o: self.hydra_context.config_loader.load_sweep_config(self.config, o))
+        return self._n_trials(space)
 
     def _same_space(self, study: optuna.Study, space: dict[str, Any]) -> list[dict[str, Any]]:
         """The spaces and commands that ran in the study, this one added; ConfigError if this space differs

@@ -106,6 +106,17 @@ def test_the_package_has_no_import_cycle_lazy_imports_included() -> None:
     assert [m for m in sorted(edges) if reaches(m, m, {m})] == []
 
 
+def test_no_function_of_the_package_is_over_60_lines() -> None:
+    import ast
+    from pathlib import Path
+
+    long = [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted((Path(__file__).resolve().parent.parent / "resnet_sweep").glob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
+    assert long == []
+
+
 def test_the_modules_that_write_runs_never_import_those_that_read_them() -> None:
     source = inspect.getsource(__import__("resnet_sweep.tracking", fromlist=["x"]))
     assert "report" not in {n.split()[-1] for n in source.splitlines() if n.strip().startswith(("import", "from"))}
