@@ -556,10 +556,9 @@ class ResnetOptunaSweeper(Sweeper):
         """End the sweep with a one-paragraph summary and exit code 1."""
         failed = [t for t in counted(study.trials) if t.state == TrialState.FAIL]
         reasons = sorted({str(t.user_attrs.get("fail_reason", "?")) for t in failed})
-        recorded = sum(bool(t.user_attrs.get("mlflow_run_id")) for t in failed)  # one that never composed: no run
-        where = ("Each trial's MLflow run holds its failure_reason tag. " if failed and recorded == len(failed) else
-                 f"The MLflow runs of the {recorded} failed trials that started one hold their failure_reason tag. "
-                 if recorded else "")
+        # a trial whose config never composed has no run; of a trial's seeds, the run that failed holds the tag
+        where = ("Each run that failed holds its reason in MLflow, in the tag failure_reason. " if any(
+            t.user_attrs.get("mlflow_run_id") for t in failed) else "")
         summary = (f"Sweep failed: {why} (study '{study.study_name}'). Reasons: {'; '.join(reasons)[:2000]}. "
                    f"{where}Rerunning the same command adds "
                    f"no trials to this study: once the cause is fixed, start a new study, e.g. by adding "
