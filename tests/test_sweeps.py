@@ -168,9 +168,15 @@ def test_a_trial_whose_config_does_not_compose_in_its_worker_fails_alone_and_the
     seen = [(n, t.state.name, t.user_attrs.get("fail_reason")) for n, t in trials.items()]
     assert trials[2].state.name == "FAIL" and "injected" in trials[2].user_attrs["fail_reason"], seen
     assert trials[1].user_attrs.get("interrupted") and "stopped the worker pool" in trials[1].user_attrs["fail_reason"]
-    (retry,) = [t for t in trials.values() if 1 in t.system_attrs.get("retry_history", [])]
-    assert retry.state.name == "COMPLETE" and retry.params == trials[1].params, seen
-    assert len(counted(trials.values())) == 3 and trials[0].state.name == "COMPLETE", seen
+    # every job in flight beside it (trial 1; trial 0 too where it had not ended yet, on a loaded machine) was
+    # interrupted, not failed, and ran again to the end with its parameters
+    beside = [n for n, t in trials.items() if t.user_attrs.get("interrupted")]
+    assert 1 in beside and set(beside) <= {0, 1}, seen
+    for number in beside:
+        (retry,) = [t for t in trials.values() if number in t.system_attrs.get("retry_history", [])]
+        assert retry.state.name == "COMPLETE" and retry.params == trials[number].params, seen
+    assert len(counted(trials.values())) == 3 and [t.number for t in counted(trials.values())
+                                                   if t.state.name != "COMPLETE"] == [2], seen
     assert "RUNNING" not in {r.info.status for r in job_runs(workdir)}
 
 
