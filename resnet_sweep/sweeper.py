@@ -415,7 +415,11 @@ class ResnetOptunaSweeper(Sweeper):
             try:
                 ret.return_value  # noqa: B018 (raises the job's exception)
             except Exception as error:  # noqa: BLE001
-                self.records.end(number, TrialState.FAIL, reason=described(error))
+                fault = faults.classify(error)
+                if fault is not None and fault.kind == "store locked":  # e.g. by a stopped worker, which _unlock
+                    self._interrupt(number, f"interrupted: {fault}")  # kills: not the trial's fault, it runs again
+                else:
+                    self.records.end(number, TrialState.FAIL, reason=described(error))
         else:
             self.records.settle(number, ret.return_value)
 
