@@ -30,12 +30,13 @@ class StoreError(UserError):
 
 
 _waiting_for_locks: list[bool] = []
+LOCK_WAIT_S = 60.0  # how long an SQLite connection waits for a lock before "database is locked"
 
 
 def wait_for_sqlite_locks() -> None:
     """Make every SQLite connection this process opens through SQLAlchemy (MLflow's and Optuna's) wait up to
-    60 s for a lock: sqlite3's 5 s default can pass while parallel workers and the sweeper write one file on
-    a busy machine. Called where a store is opened; installs its listener once."""
+    LOCK_WAIT_S for a lock: sqlite3's 5 s default can pass while parallel workers and the sweeper write one
+    file on a busy machine. Called where a store is opened; installs its listener once."""
     if _waiting_for_locks:
         return
     from sqlalchemy import event
@@ -43,7 +44,7 @@ def wait_for_sqlite_locks() -> None:
 
     def wait(dbapi_conn: object, record: object) -> None:
         if type(dbapi_conn).__module__.startswith("sqlite3"):
-            dbapi_conn.execute("PRAGMA busy_timeout = 60000")  # type: ignore[attr-defined]
+            dbapi_conn.execute(f"PRAGMA busy_timeout = {int(LOCK_WAIT_S * 1000)}")  # type: ignore[attr-defined]
 
     event.listen(Engine, "connect", wait)
     _waiting_for_locks.append(True)

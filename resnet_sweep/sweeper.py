@@ -316,8 +316,8 @@ class ResnetOptunaSweeper(Sweeper):
         return max(slots, 0)
 
     def _unlock(self, exc: Exception) -> bool:
-        """Whether the sweep goes on after `exc`, a store locked past SQLite's busy timeout (60 s). A worker
-        process of this sweep that holds the lock (its job stopped or stuck mid-write: SIGSTOP, a frozen
+        """Whether the sweep goes on after `exc`, a store locked past SQLite's busy timeout (stores.LOCK_WAIT_S).
+        A worker process of this sweep that holds the lock (its job stopped or stuck mid-write: SIGSTOP, a frozen
         disk) blocks every process of the study until it ends: it is killed and its trial runs again. A lock
         that another process held and has let go: the trials that met it run again. Else the sweep stops."""
         fault = faults.classify(exc)
@@ -330,11 +330,12 @@ class ResnetOptunaSweeper(Sweeper):
             jobs = {n: self.records.find(n).user_attrs.get(trials.PROCESS, {}).get("pid") for n in self._in_flight}
             for number in [n for n, pid in jobs.items() if pid in killed]:
                 self._pool_broken_for = number
-                self._interrupt(number, f"interrupted: its job held a store's lock for over a minute ({fault.detail}); "
-                                        f"its worker process {jobs[number]} was killed")
+                self._interrupt(number, f"interrupted: its job held a store's lock for over {stores.LOCK_WAIT_S:g} s "
+                                        f"({fault.detail}); its worker process {jobs[number]} was killed")
             return True
         if all(stores.lock_free(uri) for uri in uris):
-            log.warning("a store was locked for over a minute (%s) and is free again: the sweep goes on", fault.detail)
+            log.warning("a store was locked for over %g s (%s) and is free again: the sweep goes on", stores.LOCK_WAIT_S,
+                        fault.detail)
             return True
         return False
 

@@ -89,3 +89,42 @@ class ComposeFailsForTrial(Callback):
             import time
 
             time.sleep(self.wait)
+
+
+class SlowEpochs(Callback):
+    """The jobs of trials `trials` wait `seconds` after each epoch (before its validation): a job that must
+    still be training when a test stops or preempts it, at little CPU (training that long would cost a core
+    that the other tests need). Their retries, numbered after them, train at full speed."""
+
+    def __init__(self, trials: list[int], seconds: float) -> None:
+        self.trials, self.seconds = list(trials), seconds
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        if config.sweep.trial not in self.trials:
+            return
+        import time
+
+        from resnet_sweep import train
+
+        evaluate, seconds = train.evaluate, self.seconds
+
+        def slow(*args: Any, **kw: Any) -> Any:
+            time.sleep(seconds)
+            return evaluate(*args, **kw)
+
+        train.evaluate = slow
+
+
+class LockWait(Callback):
+    """SQLite's busy timeout (stores.LOCK_WAIT_S) of `seconds` in the sweeping process and every job: a test
+    of a lock held past it waits that long, not a minute."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from resnet_sweep import stores
+
+        stores.LOCK_WAIT_S = self.seconds
+
+    on_job_start = on_multirun_start

@@ -15,11 +15,19 @@ from typing import Iterator
 import optuna
 import pytest
 import services
+from conftest import FAULT_HOOKS
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.xdist_group("cluster")]  # fixed SLURM ports: one worker
 FAST_HEARTBEAT = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=4")
+
+
+def slow(trials: str, seconds: float) -> tuple[str, ...]:
+    """The jobs of trials `trials` (`[0,1]`) wait `seconds` after each epoch (tests/fault_hooks.py): they are
+    still training when the test stops them, at little CPU; their retries train at full speed."""
+    return ("+hydra.callbacks.slow._target_=fault_hooks.SlowEpochs", f"+hydra.callbacks.slow.trials={trials}",
+            f"+hydra.callbacks.slow.seconds={seconds}")
 
 
 class Cluster:
@@ -35,7 +43,7 @@ class Cluster:
     def start(self, workdir: Path, name: str, *args: str) -> tuple[subprocess.Popen, Path]:
         log = workdir / f"sweep-{time.monotonic_ns()}.log"
         proc = subprocess.Popen(self.command(name, *args), cwd=workdir, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                env={**self.env, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                env={**self.env, "PYTHONUNBUFFERED": "1", **FAULT_HOOKS}, start_new_session=True)
         return proc, log
 
     def sweep(self, workdir: Path, name: str, *args: str) -> str:
@@ -154,8 +162,9 @@ def test_a_slurm_sweep_runs_each_trial_as_a_job_and_records_it_through_the_mlflo
 
 
 def test_a_preempted_trial_ends_its_run_killed_and_is_retried(cluster: Cluster, tmp_path: Path) -> None:
-    proc, log = cluster.start(tmp_path, "preempt", "trainer.epochs=40", "data.train_subset=256",
-                              "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.launcher.cpus_per_task=2")
+    proc, log = cluster.start(tmp_path, "preempt", "trainer.epochs=20", "data.train_subset=256",
+                              "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.launcher.cpus_per_task=2",
+                              *slow("[0,1]", 1))
     running = wait_for_jobs(cluster, "preempt", 2, proc, log)
     time.sleep(3)  # mid-training
     # a job in the higher-priority partition that needs 2 of the node's 4 CPUs: SLURM preempts a trial
@@ -183,9 +192,9 @@ def test_a_preempted_trial_ends_its_run_killed_and_is_retried(cluster: Cluster, 
 
 def test_killing_the_sweeping_process_leaves_its_jobs_training_and_a_rerun_adopts_them(cluster: Cluster,
                                                                                        tmp_path: Path) -> None:
-    # 300 epochs (~15 s here): long enough that the jobs still train after the wait below on a fast machine (60
-    # epochs of 256 images once finished within it, since a job's start no longer imports scikit-learn)
-    args = ("trainer.epochs=300", "data.train_subset=256", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2")
+    # trials 0 and 1 take 20 epochs of over a second: they still train after the wait below; 2 and 3 are quick
+    args = ("trainer.epochs=20", "data.train_subset=256", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+            *slow("[0,1]", 1))
     proc, log = cluster.start(tmp_path, "adopt", *args)
     first = wait_for_jobs(cluster, "adopt", 2, proc, log, attr="job")  # started, whatever they are doing
     proc.send_signal(signal.SIGKILL)
@@ -207,8 +216,8 @@ def test_killing_the_sweeping_process_leaves_its_jobs_training_and_a_rerun_adopt
 
 def test_cancelled_and_silently_killed_jobs_have_their_trials_retried_and_the_sweep_goes_on(cluster: Cluster,
                                                                                             tmp_path: Path) -> None:
-    proc, log = cluster.start(tmp_path, "scancel", "trainer.epochs=300", "data.train_subset=256",
-                              "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
+    proc, log = cluster.start(tmp_path, "scancel", "trainer.epochs=20", "data.train_subset=256",
+                              "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", *slow("[0,1]", 1))
     cancelled, killed = wait_for_jobs(cluster, "scancel", 2, proc, log)
     time.sleep(2)
     cluster.slurm("scancel", slurm_id(cancelled))  # SIGTERM: the job says why it stops

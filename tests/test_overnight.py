@@ -96,7 +96,8 @@ def test_a_worker_stopped_holding_the_study_lock_is_killed_and_the_sweep_ends(wo
     # epoch and stops itself (SIGSTOP) holding it, once; every other process of the study waits for the lock
     command = ("-m", "trainer.epochs=2", "data.train_subset=128", "search=none", "hydra/sweeper/sampler=grid",
                "seed=choice(0,1,2)", "+hydra.callbacks.fault._target_=fault_hooks.StopHoldingTheStudyLock",
-               "+hydra.callbacks.fault.seed=1")
+               "+hydra.callbacks.fault.seed=1", "+hydra.callbacks.wait._target_=fault_hooks.LockWait",
+               "+hydra.callbacks.wait.seconds=20")  # SQLite's busy timeout: 20 s, not a minute
     began = time.monotonic()
     proc, log = start(workdir, *command, env=FAULT_HOOKS)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
