@@ -27,6 +27,8 @@ from conftest import FAULT_HOOKS, counted, job_runs, parent_runs, run_cli, start
 pytestmark = pytest.mark.slow
 FAST_HEARTBEAT = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
 TINY = ("trainer.epochs=1", "data.train_subset=128")
+# SQLite's busy timeout (stores.LOCK_WAIT_S) of 20 s, not a minute, in the sweep and its jobs (tests/fault_hooks.py)
+LOCK_WAIT = ("+hydra.callbacks.wait._target_=fault_hooks.LockWait", "+hydra.callbacks.wait.seconds=20")
 
 
 def no_running(workdir: Path, uri: str | None = None) -> None:
@@ -69,7 +71,7 @@ def snapshot(uri: str) -> dict[str, tuple]:
 
 def test_a_stopped_worker_is_killed_its_trial_retried_and_the_sweep_ends(workdir: Path) -> None:
     proc, log = start(workdir, "-m", "hydra.sweeper.n_trials=4", "trainer.epochs=30", "data.train_subset=256",
-                      *FAST_HEARTBEAT)
+                      *FAST_HEARTBEAT, *LOCK_WAIT, env=FAULT_HOOKS)
     worker = pid_of_trial(workdir, 0, proc)
     wait_for_epochs(log, "trial 0 started:", 2, proc)
     os.kill(worker, signal.SIGSTOP)  # stopped mid-trial: alive, silent, never progressing
@@ -80,7 +82,7 @@ def test_a_stopped_worker_is_killed_its_trial_retried_and_the_sweep_ends(workdir
     trials = study(workdir).trials
     (zero,) = [t for t in trials if t.number == 0]
     (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == 0]
-    # silent (no heartbeat), or killed after a minute where it was stopped holding the store's lock
+    # silent (no heartbeat), or killed after LOCK_WAIT where it was stopped holding the store's lock
     assert zero.state.name == "FAIL" and re.search("no heartbeat|held a store's lock", retry.user_attrs["retry_reason"])
     assert len(counted(trials)) == 4 and {t.state.name for t in counted(trials)} == {"COMPLETE"}, (
         [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials], log.read_text()[-5000:])
@@ -96,8 +98,7 @@ def test_a_worker_stopped_holding_the_study_lock_is_killed_and_the_sweep_ends(wo
     # epoch and stops itself (SIGSTOP) holding it, once; every other process of the study waits for the lock
     command = ("-m", "trainer.epochs=2", "data.train_subset=128", "search=none", "hydra/sweeper/sampler=grid",
                "seed=choice(0,1,2)", "+hydra.callbacks.fault._target_=fault_hooks.StopHoldingTheStudyLock",
-               "+hydra.callbacks.fault.seed=1", "+hydra.callbacks.wait._target_=fault_hooks.LockWait",
-               "+hydra.callbacks.wait.seconds=20")  # SQLite's busy timeout: 20 s, not a minute
+               "+hydra.callbacks.fault.seed=1", *LOCK_WAIT)
     began = time.monotonic()
     proc, log = start(workdir, *command, env=FAULT_HOOKS)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
