@@ -411,24 +411,22 @@ class ResnetOptunaSweeper(Sweeper):
             raise faults.EnvironmentStop(met[0])
 
     def _settle(self, number: int, ret: JobReturn) -> None:
-        """A trial that its job left RUNNING (it failed before it could tell)."""
+        """A trial that its job left RUNNING (it failed before it could tell): failed, unless the environment
+        was at fault (_environment)."""
         if ret.status == JobStatus.FAILED:
             try:
                 ret.return_value  # noqa: B018 (raises the job's exception)
             except Exception as error:  # noqa: BLE001
-                fault = faults.classify(error)
-                if fault is not None and fault.kind == "store locked":  # e.g. by a stopped worker, which _unlock
-                    self._interrupt(number, f"interrupted: {fault}")  # kills: not the trial's fault, it runs again
-                else:
+                if not self._environment(number, error):
                     self.records.end(number, TrialState.FAIL, reason=described(error))
         else:
             self.records.settle(number, ret.return_value)
 
     def _job_raised(self, number: int, exc: BaseException) -> None:
         """The launcher raised for a trial's job (outside the task, or the job never ran): a cluster job
-        lost (interrupted) or failed; a job stopped from outside, or with its pool (interrupted); a fault of
-        the environment (interrupted, and the sweep stops); a config that does not compose (the trial fails
-        alone). Anything else is the launcher's, and stops the sweep."""
+        lost (interrupted) or failed; a job stopped from outside, or with its pool (interrupted); a config
+        that does not compose (the trial fails alone); a fault of the environment (_environment). Anything
+        else is the launcher's, and stops the sweep."""
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:1000]}"
         if launchers.job_lost(exc) == "interrupted":
             self._interrupt(number, f"interrupted: its job ended without a result ({error})")
@@ -442,10 +440,18 @@ class ResnetOptunaSweeper(Sweeper):
             if self.records.end(number, TrialState.FAIL, reason=reason):
                 self._kill_run(number, reason, status="FAILED")
                 log.error("trial %d failed: %s", number, reason)
-        elif (fault := faults.classify(exc)) is not None:  # _collect then stops the sweep (EnvironmentStop)
-            self._interrupt(number, f"interrupted: {fault}", **{trials.ENVIRONMENT: vars(fault)})
-        else:
+        elif not self._environment(number, exc):
             raise exc  # a launcher error: the sweep stops (see _run)
+
+    def _environment(self, number: int, error: BaseException) -> bool:
+        """Whether `error`, which a trial's job met, is a fault of the environment (faults.py); if so the trial
+        is interrupted (it runs again). A store locked (by a stopped worker, say, which _unlock kills) lets the
+        sweep go on; any other fault stops it once the trials at hand are settled (see _collect)."""
+        fault = faults.classify(error)
+        if fault is not None:
+            self._interrupt(number, f"interrupted: {fault}",
+                            **({} if fault.kind == "store locked" else {trials.ENVIRONMENT: vars(fault)}))
+        return fault is not None
 
     def _release_ended(self, study: optuna.Study) -> None:
         """Free the slot of a cluster job whose trial has ended while the launcher still waits for the job.

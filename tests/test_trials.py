@@ -1,13 +1,19 @@
-"""What counts in a study (trials.py), on a real SQLite Optuna storage: fast, one process."""
+"""What counts in a study (trials.py), and how the sweeper blames a job's end, on a real SQLite Optuna
+storage: fast, one process."""
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from pathlib import Path
 
 import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
 from resnet_sweep import trials
+from resnet_sweep.sweeper import ResnetOptunaSweeper
 
 
 def test_a_trial_found_silent_whose_retry_was_never_queued_does_not_count_and_is_queued_again(tmp_path: Path) -> None:
@@ -42,3 +48,31 @@ def test_a_stalled_trial_whose_retry_was_never_queued_runs_again_unless_its_para
     assert [t.number for t in trials.counted(study.trials)] == [counts]
     records.queue_retries()
     assert [t.user_attrs["retry_of"] for t in study.trials if t.state == TrialState.WAITING] == [again]
+
+
+@pytest.mark.parametrize("error, blamed", [
+    (OSError(errno.ENOSPC, "No space left on device"), "environment"),  # interrupted; the sweep stops
+    (sqlite3.OperationalError("database is locked"), "lock"),  # interrupted; the sweep goes on (its _unlock)
+    (ValueError("a bad value of the trial's own"), "trial"),  # failed, and counted
+])
+def test_a_job_that_failed_before_telling_its_trial_is_blamed_by_its_error_in_the_task_or_outside(
+        tmp_path: Path, error: Exception, blamed: str) -> None:
+    storage = trials.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="s", storage=storage)
+    sweeper = ResnetOptunaSweeper()
+    sweeper.records, sweeper.parent = trials.Records(storage, "s"), None
+    inside, outside = study.ask(), study.ask()  # left RUNNING by their jobs
+    ret = JobReturn(status=JobStatus.FAILED)
+    ret.return_value = error
+    sweeper._settle(inside.number, ret)  # the job raised inside its task: Hydra hands back a failed job
+    if blamed == "trial":
+        with pytest.raises(ValueError):  # raised outside its task: not the trial's, the sweep stops
+            sweeper._job_raised(outside.number, error)
+    else:
+        sweeper._job_raised(outside.number, error)
+    ended = {t.number: t for t in study.trials}
+    for trial in (ended[inside.number], ended[outside.number]) if blamed != "trial" else (ended[inside.number],):
+        assert trial.state == TrialState.FAIL
+        assert bool(trial.user_attrs.get(trials.INTERRUPTED)) == (blamed != "trial"), trial.user_attrs
+        assert (trials.ENVIRONMENT in trial.user_attrs) == (blamed == "environment"), trial.user_attrs
+    assert [t.number for t in trials.counted(study.trials)] == ([inside.number] if blamed == "trial" else [])
