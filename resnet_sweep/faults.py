@@ -49,6 +49,12 @@ class Fault:
     def __str__(self) -> str:
         return f"{self.kind} ({self.detail})"
 
+    @property
+    def stops_sweep(self) -> bool:
+        """Whether a trial that met it stops the sweep too: every fault but a store locked past SQLite's busy
+        timeout, which the sweep frees (sweeper._unlock: a stuck worker that holds it is killed)."""
+        return self.kind != "store locked"
+
 
 def chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()

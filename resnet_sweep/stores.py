@@ -157,10 +157,11 @@ def create_whole(url: str, create: Callable[[str], object]) -> None:
         raise
 
 
-def check_store(url: str, key: str, busy: float = 60) -> None:
+def check_store(url: str, key: str, busy: float | None = None) -> None:
     """Raise StoreError if the SQLite database at `url` (named by config key `key`) is not one, or cannot
-    be written (locked for `busy` s: SQLite's busy timeout); other stores are left to their own client.
-    Run before any data loads or run is created."""
+    be written (locked for `busy` s, SQLite's busy timeout LOCK_WAIT_S by default); other stores are left
+    to their own client. Run before any data loads or run is created."""
+    busy = LOCK_WAIT_S if busy is None else busy
     path = sqlite_file(url)
     if path is None:
         return

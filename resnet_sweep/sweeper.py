@@ -445,12 +445,12 @@ class ResnetOptunaSweeper(Sweeper):
 
     def _environment(self, number: int, error: BaseException) -> bool:
         """Whether `error`, which a trial's job met, is a fault of the environment (faults.py); if so the trial
-        is interrupted (it runs again). A store locked (by a stopped worker, say, which _unlock kills) lets the
-        sweep go on; any other fault stops it once the trials at hand are settled (see _collect)."""
+        is interrupted (it runs again), and unless the sweep frees it (Fault.stops_sweep) the sweep stops once
+        the trials at hand are settled (see _collect)."""
         fault = faults.classify(error)
         if fault is not None:
             self._interrupt(number, f"interrupted: {fault}",
-                            **({} if fault.kind == "store locked" else {trials.ENVIRONMENT: vars(fault)}))
+                            **({trials.ENVIRONMENT: vars(fault)} if fault.stops_sweep else {}))
         return fault is not None
 
     def _release_ended(self, study: optuna.Study) -> None:

@@ -297,7 +297,8 @@ class JobTrial:
         elif isinstance(exc, (Terminated, KeyboardInterrupt)):
             args = {"reason": f"interrupted: {reason}", "interrupted": True}
         elif fault is not None:
-            args = {"reason": f"interrupted: {fault.kind}: {reason}", "interrupted": True, ENVIRONMENT: vars(fault)}
+            args = {"reason": f"interrupted: {fault.kind}: {reason}", "interrupted": True,
+                    **({ENVIRONMENT: vars(fault)} if fault.stops_sweep else {})}
         else:
             args = {"reason": self.attrs.get("fail_reason") or reason}
         try:

@@ -1,6 +1,8 @@
 """Faults for tests only, injected from outside the package: a Hydra callback that a test names on the
 command line (`+hydra.callbacks.NAME._target_=fault_hooks.CLASS`, with tests/ on PYTHONPATH). Hydra runs
-a callback's on_job_start in the job's own process (a sweep's worker), before the task."""
+a callback's on_job_start in the job's own process (a sweep's worker), before the task, and its
+on_multirun_start in the sweeping process. Two are not faults but make a test cheaper without changing
+what it checks: SlowEpochs and LockWait."""
 
 from __future__ import annotations
 
@@ -92,12 +94,13 @@ class ComposeFailsForTrial(Callback):
 
 
 class SlowEpochs(Callback):
-    """The jobs of trials `trials` wait `seconds` after each epoch (before its validation): a job that must
-    still be training when a test stops or preempts it, at little CPU (training that long would cost a core
-    that the other tests need). Their retries, numbered after them, train at full speed."""
+    """The jobs of trials `trials` wait `seconds` before each evaluation (each epoch's validation, and a
+    test): a job that must still be training when a test stops or preempts it, at little CPU (training
+    that long would cost a core that the other tests need). Their retries, numbered after them, train at
+    full speed: the wait ends with the job (on_job_end), also in a worker process that runs the next."""
 
     def __init__(self, trials: list[int], seconds: float) -> None:
-        self.trials, self.seconds = list(trials), seconds
+        self.trials, self.seconds, self.original = list(trials), seconds, None
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         if config.sweep.trial not in self.trials:
@@ -106,13 +109,20 @@ class SlowEpochs(Callback):
 
         from resnet_sweep import train
 
-        evaluate, seconds = train.evaluate, self.seconds
+        self.original = original = train.evaluate
+        seconds = self.seconds
 
         def slow(*args: Any, **kw: Any) -> Any:
             time.sleep(seconds)
-            return evaluate(*args, **kw)
+            return original(*args, **kw)
 
         train.evaluate = slow
+
+    def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
+        if self.original is not None:
+            from resnet_sweep import train
+
+            train.evaluate, self.original = self.original, None
 
 
 class LockWait(Callback):

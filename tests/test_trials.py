@@ -55,24 +55,31 @@ def test_a_stalled_trial_whose_retry_was_never_queued_runs_again_unless_its_para
     (sqlite3.OperationalError("database is locked"), "lock"),  # interrupted; the sweep goes on (its _unlock)
     (ValueError("a bad value of the trial's own"), "trial"),  # failed, and counted
 ])
-def test_a_job_that_failed_before_telling_its_trial_is_blamed_by_its_error_in_the_task_or_outside(
+def test_a_jobs_error_is_blamed_by_one_rule_whether_the_job_told_its_trial_or_the_sweeper_did(
         tmp_path: Path, error: Exception, blamed: str) -> None:
-    storage = trials.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=2)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = trials.open_storage(url, heartbeat_interval=1, grace_period=2)
     study = optuna.create_study(study_name="s", storage=storage)
     sweeper = ResnetOptunaSweeper()
     sweeper.records, sweeper.parent = trials.Records(storage, "s"), None
-    inside, outside = study.ask(), study.ask()  # left RUNNING by their jobs
-    ret = JobReturn(status=JobStatus.FAILED)
+    told, inside, outside = study.ask(), study.ask(), study.ask()
+    job = trials.JobTrial("s", url, told.number, {"heartbeat_interval": 1, "grace_period": 2})
+    try:
+        job.fail(error)  # the job met it and told its trial itself
+    finally:
+        job.close()
+    ret = JobReturn(status=JobStatus.FAILED)  # the job raised inside its task before it could tell
     ret.return_value = error
-    sweeper._settle(inside.number, ret)  # the job raised inside its task: Hydra hands back a failed job
+    sweeper._settle(inside.number, ret)
     if blamed == "trial":
         with pytest.raises(ValueError):  # raised outside its task: not the trial's, the sweep stops
             sweeper._job_raised(outside.number, error)
     else:
         sweeper._job_raised(outside.number, error)
     ended = {t.number: t for t in study.trials}
-    for trial in (ended[inside.number], ended[outside.number]) if blamed != "trial" else (ended[inside.number],):
+    for trial in [ended[told.number], ended[inside.number]] + ([ended[outside.number]] if blamed != "trial" else []):
         assert trial.state == TrialState.FAIL
         assert bool(trial.user_attrs.get(trials.INTERRUPTED)) == (blamed != "trial"), trial.user_attrs
         assert (trials.ENVIRONMENT in trial.user_attrs) == (blamed == "environment"), trial.user_attrs
-    assert [t.number for t in trials.counted(study.trials)] == ([inside.number] if blamed == "trial" else [])
+    assert [t.number for t in trials.counted(study.trials)] == ([told.number, inside.number] if blamed == "trial"
+                                                                else [])
