@@ -449,8 +449,7 @@ class ResnetOptunaSweeper(Sweeper):
         the trials at hand are settled (see _collect)."""
         fault = faults.classify(error)
         if fault is not None:
-            self._interrupt(number, f"interrupted: {fault}",
-                            **({trials.ENVIRONMENT: vars(fault)} if fault.stops_sweep else {}))
+            self._interrupt(number, f"interrupted: {fault}", **trials.environment(fault))
         return fault is not None
 
     def _release_ended(self, study: optuna.Study) -> None:

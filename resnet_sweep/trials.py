@@ -73,6 +73,12 @@ def make_pruner(config: Any) -> optuna.pruners.BasePruner:
     return instantiate(config, _execution_whitelist_=("optuna.pruners.*",)) if config else optuna.pruners.NopPruner()
 
 
+def environment(fault: faults.Fault) -> dict[str, Any]:
+    """The user attrs that mark a trial interrupted by `fault`: ENVIRONMENT, which stops the sweep once the
+    trials at hand are settled (sweeper._collect), where the fault does (Fault.stops_sweep)."""
+    return {ENVIRONMENT: vars(fault)} if fault.stops_sweep else {}
+
+
 def retried(trials: list[FrozenTrial]) -> set[int]:
     """Numbers of the trials that were interrupted and queued again."""
     return {n for t in trials for n in t.system_attrs.get(RETRY_HISTORY, [])}
@@ -297,8 +303,7 @@ class JobTrial:
         elif isinstance(exc, (Terminated, KeyboardInterrupt)):
             args = {"reason": f"interrupted: {reason}", "interrupted": True}
         elif fault is not None:
-            args = {"reason": f"interrupted: {fault.kind}: {reason}", "interrupted": True,
-                    **({ENVIRONMENT: vars(fault)} if fault.stops_sweep else {})}
+            args = {"reason": f"interrupted: {fault.kind}: {reason}", "interrupted": True, **environment(fault)}
         else:
             args = {"reason": self.attrs.get("fail_reason") or reason}
         try:

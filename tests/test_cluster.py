@@ -24,8 +24,9 @@ FAST_HEARTBEAT = ("hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_per
 
 
 def slow(trials: str, seconds: float) -> tuple[str, ...]:
-    """The jobs of trials `trials` (`[0,1]`) wait `seconds` after each epoch (tests/fault_hooks.py): they are
-    still training when the test stops them, at little CPU; their retries train at full speed."""
+    """The jobs of trials `trials` (`[0,1]`) wait `seconds` before each evaluation, each epoch's validation
+    (tests/fault_hooks.py): they are still training when the test stops them, at little CPU; their retries
+    train at full speed."""
     return ("+hydra.callbacks.slow._target_=fault_hooks.SlowEpochs", f"+hydra.callbacks.slow.trials={trials}",
             f"+hydra.callbacks.slow.seconds={seconds}")
 
