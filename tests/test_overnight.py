@@ -282,7 +282,8 @@ def fill(folder: Path, leave_kb: int) -> Path:
 
 def test_a_full_disk_interrupts_the_trials_and_the_same_command_finishes_once_there_is_space(
         small_disk: Path) -> None:
-    warm = run_cli(small_disk, "-m", *TINY, "hydra.sweeper.n_trials=1", "hydra.sweeper.study_name=first")
+    warm = run_cli(small_disk, "-m", "workers=serial", *TINY, "hydra.sweeper.n_trials=1",
+                   "hydra.sweeper.study_name=first")
     assert warm.returncode == 0, warm.stderr[-3000:]  # both stores exist, with a study in each
     filler = fill(small_disk, 300)
     command = ("-m", "trainer.epochs=15", "data.train_subset=512", "hydra.sweeper.n_trials=2")
