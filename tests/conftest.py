@@ -59,22 +59,11 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The longest tests first: xdist hands tests out in this order, so the short ones fill the end of the
-    run on both workers instead of one worker finishing a minute-long sweep alone. A test's length is its
-    wall time in the last run here (see pytest_terminal_summary), a group's (xdist_group: one worker runs
-    them one after another) the sum of its tests'; without a last run, `slow` tests count 30 s, others 1 s.
-    A stable sort of what every worker collects alike (xdist requires one order)."""
-    known = config.cache.get("resnet_sweep/seconds", {}) if config.cache is not None else {}
-    seconds = {item.nodeid: known.get(item.nodeid, 30.0 if item.get_closest_marker("slow") else 1.0) for item in items}
-    groups: dict[str, float] = {}
-    for item in items:
-        if (group := item.get_closest_marker("xdist_group")) is not None:
-            groups[group.args[0]] = groups.get(group.args[0], 0.0) + seconds[item.nodeid]
-    for item in items:
-        if (group := item.get_closest_marker("xdist_group")) is not None:
-            seconds[item.nodeid] = groups[group.args[0]]
-    items.sort(key=lambda item: -seconds[item.nodeid])
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `slow` tests (commands, sweeps, servers: up to a minute or so each) first, so that the quick ones
+    fill the end of the run on both workers instead of one worker finishing a long sweep alone. A stable
+    sort, on markers alone: every xdist worker collects the same order, as xdist requires."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -99,17 +88,10 @@ def pytest_terminal_summary(terminalreporter) -> None:  # noqa: ANN001
         for nodeid, cpu in sorted(costs.items(), key=lambda kv: -kv[1])[:20]:
             terminalreporter.write_line(f"{cpu:8.1f}  {nodeid}")
         terminalreporter.write_line(f"{sum(costs.values()):8.1f}  in all, {len(costs)} tests")
-        # every test's, for a closer look (.venv/bin/python -m pytest --cache-show 'resnet_sweep/*'), and its
-        # wall time, for the order of the next run (pytest_collection_modifyitems)
-        cache, seconds = terminalreporter.config.cache, {}
-        for reports in terminalreporter.stats.values():
-            for r in reports:
-                if getattr(r, "when", None) in ("setup", "call", "teardown") and r.nodeid in costs:
-                    seconds[r.nodeid] = seconds.get(r.nodeid, 0.0) + r.duration
-        if cache is not None:
-            cache.set("resnet_sweep/cpu_seconds", {k: round(v, 1) for k, v in costs.items()})
-            cache.set("resnet_sweep/seconds", {**cache.get("resnet_sweep/seconds", {}),
-                                               **{k: round(v, 1) for k, v in seconds.items()}})
+        # every test's, for a closer look: .venv/bin/python -m pytest --cache-show 'resnet_sweep/*'
+        if (cache := getattr(terminalreporter.config, "cache", None)) is not None:  # -p no:cacheprovider: none
+            cache.set("resnet_sweep/cpu_seconds", {**cache.get("resnet_sweep/cpu_seconds", {}),
+                                                   **{k: round(v, 1) for k, v in costs.items()}})
 
 
 @pytest.fixture(scope="session", autouse=True)

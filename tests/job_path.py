@@ -6,7 +6,8 @@ for the people who keep the code readable (issue 20: "one trial reads top to bot
 
 runs one tiny trial (`-m workers=serial`, so the job runs in this process) in a scratch folder, traces
 the calls under `resnet_sweep.job.run` in the main thread, and prints the modules in the order first
-entered, then each call back into a module on the stack, with how often it happened. A callback handed
+entered, then each (caller, callee) pair of modules where a call went back into a module on the stack,
+with how often (the caller is the nearest frame of the package; a generator's resumption counts as a call). A callback handed
 down on purpose (the epoch's recording and reporting, which `fit` calls) shows up there too.
 """
 
@@ -29,7 +30,7 @@ def main(overrides: list[str]) -> None:
 
     def profile(frame, event, arg) -> None:  # noqa: ANN001, ARG001
         module = frame.f_globals.get("__name__", "")
-        if event == "call" and (stack or (module, frame.f_code.co_name) == ENTRY) and module.startswith(PACKAGE):
+        if event == "call" and (stack or (module, frame.f_code.co_name) == ENTRY) and module.startswith(PACKAGE + "."):
             if module not in entered:
                 entered.append(module)
             if stack and module != stack[-1][1] and module in {m for _, m in stack[:-1]}:
@@ -52,7 +53,7 @@ def main(overrides: list[str]) -> None:
         sys.setprofile(None)
     short = [m.removeprefix(f"{PACKAGE}.") for m in entered]
     print(f"\n{len(entered)} modules entered by one job, in order: {' -> '.join(short)}")
-    print(f"{len(back)} calls back into a module on the stack ({sum(back.values())} times):")
+    print(f"{len(back)} kinds of call back into a module on the stack ({sum(back.values())} calls in all):")
     for (caller, callee), times in back.most_common():
         print(f"  {caller.removeprefix(PACKAGE + '.')} -> {callee.removeprefix(PACKAGE + '.')}  x{times}")
     print(f"(scratch folder: {folder})")
