@@ -53,7 +53,7 @@ def main(overrides: list[str]) -> None:
         sys.setprofile(None)
     short = [m.removeprefix(f"{PACKAGE}.") for m in entered]
     print(f"\n{len(entered)} modules entered by one job, in order: {' -> '.join(short)}")
-    print(f"{len(back)} kinds of call back into a module on the stack ({sum(back.values())} calls in all):")
+    print(f"calls back into a module on the stack: {sum(back.values())}, between {len(back)} pair(s) of modules:")
     for (caller, callee), times in back.most_common():
         print(f"  {caller.removeprefix(PACKAGE + '.')} -> {callee.removeprefix(PACKAGE + '.')}  x{times}")
     print(f"(scratch folder: {folder})")
