@@ -321,7 +321,7 @@ class ResnetOptunaSweeper(Sweeper):
         disk) blocks every process of the study until it ends: it is killed and its trial runs again. A lock
         that another process held and has let go: the trials that met it run again. Else the sweep stops."""
         fault = faults.classify(exc)
-        if fault is None or fault.kind != "store locked":
+        if fault is None or fault.stops_sweep:  # one rule with the jobs (faults.Fault.stops_sweep)
             return False
         uris = [*([str(self.s.storage)] if fault.store != "tracking" else []),
                 *([self.config.tracking.uri] if self.config.tracking.enabled and fault.store != "study" else [])]
